@@ -1,0 +1,1 @@
+"""jaxdiff: pure-functional JAX diffusion models."""
