@@ -1,0 +1,109 @@
+"""Crash-safe checkpoints: orbax ``CheckpointManager`` with the data iterator saved alongside.
+
+A checkpoint holds two items:
+
+* ``state``: the whole ``TrainState`` (step, params, optimizer state, EMA params),
+* ``data``: the grain iterator's state, so a resumed run sees exactly the batches an
+  uninterrupted run would.
+
+Orbax writes each checkpoint into a temporary folder and renames it into place when it is
+complete, so a crash mid-write leaves no half-written checkpoint behind. If the newest visible
+checkpoint still cannot be read (a disk error, a file deleted by hand), `restore_latest` warns and
+falls back to the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+
+def make_manager(
+    workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True
+) -> ocp.CheckpointManager:
+    """A ``CheckpointManager`` for ``workdir/checkpoints`` keeping the last ``max_to_keep``."""
+    directory = Path(workdir).resolve() / CHECKPOINT_DIR
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any = None) -> None:
+    """Saves ``state`` (and the data iterator, if given) as checkpoint ``step``."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any = None
+) -> tuple[int | None, Any]:
+    """Restores the newest readable checkpoint; returns ``(step, state)`` or ``(None, None)``.
+
+    ``abstract_state`` gives shapes, dtypes and shardings (e.g. from ``jax.eval_shape``).
+    ``data_iterator``, when given, is set to the saved position in place. A checkpoint that
+    fails to restore is reported with a warning and the previous one is tried.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # Any failure to read means: do not trust this checkpoint.
+            logging.warning(
+                "Checkpoint at step %d is incomplete or corrupt (%s: %s); trying the previous one.",
+                step,
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
+            continue
+        return step, restored["state"]
+    return None, None
+
+
+def write_config(workdir: str | os.PathLike, config: Any) -> None:
+    """Writes the run's config as JSON, atomically (temporary file, then rename)."""
+    path = Path(workdir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(config, indent=2))
+    os.replace(tmp, path)
+
+
+def read_config(workdir: str | os.PathLike):
+    """Reads the config a run wrote with `write_config` (an ``ml_collections.ConfigDict``)."""
+    import ml_collections
+
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {CONFIG_FILE} in workdir {str(workdir)!r}: is this the --workdir of a "
+            "scripts/train.py run?"
+        )
+    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+
+
+def _tuples(tree: Any) -> Any:
+    """JSON turns tuples into lists; configs use tuples (e.g. ``hidden_dims``)."""
+    if isinstance(tree, dict):
+        return {k: _tuples(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_tuples(v) for v in tree)
+    return tree
+
