@@ -68,6 +68,7 @@ def make_sampler(
     return_trajectory: bool = False,
     model: Any = None,
     schedule: schedules.Schedule | None = None,
+    progress: bool = False,
 ) -> Callable[..., Any]:
     """Builds ``sample(params, key)`` for the model a config describes.
 
@@ -81,6 +82,8 @@ def make_sampler(
         ``lambda f: guidance.gradient_guidance(f, guidance.color_loss((0.9, 0.1, 0.1)), 30., s)``.
       return_trajectory: also return the states after every step and their timesteps.
       model, schedule: reuse already built objects (default: built from the config).
+      progress: show a progress bar over the sampling steps (a host callback per step; the
+        loop stays one compiled program).
 
     Returns:
       ``sample(params, key) -> images`` float32 ``[N, H, W, C]`` in [0, 1] (with
@@ -143,6 +146,8 @@ def make_sampler(
             eps_fn = lambda x, t: model.apply({"params": params}, x, t)  # noqa: E731
         if guidance_fn is not None:
             eps_fn = guidance_fn(eps_fn)
+        if progress:
+            eps_fn = _with_progress(eps_fn, num_steps)
         k_init, k_loop = jax.random.split(key)
         x_T = jax.random.normal(k_init, (num_images, size, size, channels), jnp.float32)
         out = loop(eps_fn, schedule, x_T, k_loop, **sampler_kwargs)
@@ -153,6 +158,34 @@ def make_sampler(
         return to_image(out)
 
     return jax.jit(sample)
+
+
+class _StepBar:
+    """A tqdm bar advanced from inside the compiled loop; starts over after ``total`` steps."""
+
+    def __init__(self, total: int):
+        self.total, self.bar = total, None
+
+    def __call__(self, t) -> None:
+        from tqdm.auto import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc="sample", unit="step")
+        self.bar.update(1)
+        self.bar.set_postfix(t=int(np.asarray(t)))
+        if self.bar.n >= self.total:
+            self.bar.close()
+            self.bar = None
+
+
+def _with_progress(eps_fn, num_steps: int):
+    tick = _StepBar(num_steps)
+
+    def wrapped(x, t):
+        jax.debug.callback(tick, t[0])
+        return eps_fn(x, t)
+
+    return wrapped
 
 
 def load_params(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *, use_ema: bool = True):
