@@ -28,6 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Fields of jaxdiff.models.UNet (in/out channels come from data.channels).
     c.model = ml_collections.ConfigDict()
+    c.model.kind = "unet"  # "unet" | "diffusers" (a pretrained diffusers UNet2DModel folder)
+    c.model.pretrained = ""  # with kind="diffusers": the checkpoint folder
     c.model.hidden_dims = (128, 256, 512, 1024)
     c.model.num_classes = 0  # 0: unconditional
     c.model.dtype = "float32"  # computation dtype; params stay float32

@@ -347,6 +347,11 @@ def _unet_folder(path: Path) -> Path:
     )
 
 
+def read_unet_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The UNet's ``config.json`` of a pipeline or bare-model folder (no weights are read)."""
+    return _read_json(_unet_folder(Path(path)) / "config.json")
+
+
 def _read_state_dict(folder: Path) -> dict[str, np.ndarray]:
     """Read the weights of a model folder: safetensors (single or sharded) or a torch ``.bin``."""
     from safetensors.numpy import load_file

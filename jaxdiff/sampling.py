@@ -91,7 +91,7 @@ def make_sampler(
       where ``trajectory[i]`` is the state after the step from ``timesteps[i]``). Jitted: the
       same key gives the same images, and other params of the same shapes do not recompile.
     """
-    from jaxdiff.train import build_model, build_schedule  # Local: train imports this module.
+    from jaxdiff.train import build_model, build_schedule, model_num_classes  # Local: avoids a cycle.
 
     model = build_model(config) if model is None else model
     schedule = build_schedule(config) if schedule is None else schedule
@@ -105,7 +105,7 @@ def make_sampler(
     if num_images < 1:
         raise ValueError(f"num_images={num_images} must be >= 1.")
 
-    num_classes = model.num_classes or 0
+    num_classes = model_num_classes(model)
     context = None
     if labels is not None:
         if not num_classes:

@@ -79,12 +79,41 @@ class TrainState:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(config: ml_collections.ConfigDict) -> UNet:
-    """The U-Net a config describes (``config.model`` holds ``UNet`` fields)."""
-    kwargs = dict(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model)
-    dtype = kwargs.pop("dtype", "float32")
+MODEL_KINDS = ("unet", "diffusers")
+
+
+def _dtype(config: ml_collections.ConfigDict):
+    dtype = config.model.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={dtype!r} is not one of {tuple(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def build_model(config: ml_collections.ConfigDict):
+    """The network a config describes.
+
+    ``config.model.kind == "unet"`` (default): jaxdiff's ``UNet`` with the other
+    ``config.model`` fields. ``"diffusers"``: the ``DiffusersUNet2D`` of the diffusers
+    checkpoint folder ``config.model.pretrained`` (its ``config.json``; the ``UNet`` fields are
+    ignored).
+    """
+    kind = config.model.get("kind", "unet")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind={kind!r} is not one of {MODEL_KINDS}.")
+    if kind == "diffusers":
+        from jaxdiff import pretrained
+        from jaxdiff.models import DiffusersUNet2D
+
+        return DiffusersUNet2D.from_config(
+            pretrained.read_unet_config(_pretrained_path(config)),
+            dtype=_dtype(config),
+            remat=bool(config.model.get("remat", False)),
+        )
+    kwargs = dict(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model)
+    for field in ("kind", "pretrained"):
+        kwargs.pop(field, None)
+    dtype = kwargs.pop("dtype", "float32")
+    _dtype(config)
     num_classes = kwargs.pop("num_classes", 0) or None
     kwargs["attention_impl"] = kwargs.get("attention_impl") or None
     if "hidden_dims" in kwargs:
@@ -99,10 +128,39 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
     )
 
 
+def _pretrained_path(config: ml_collections.ConfigDict) -> str:
+    path = config.model.get("pretrained", "")
+    if not path:
+        raise ValueError(
+            "config.model.pretrained is empty: pass the diffusers checkpoint folder with "
+            "--config.model.pretrained=PATH (e.g. a local copy of google/ddpm-cat-256)."
+        )
+    return path
+
+
+def load_pretrained_params(config: ml_collections.ConfigDict):
+    """The pretrained weights a config starts from, or ``None`` to initialise at random."""
+    if config.model.get("kind", "unet") != "diffusers":
+        return None
+    from jaxdiff import pretrained
+
+    _, params, _ = pretrained.load_diffusers(_pretrained_path(config))
+    return params
+
+
+def model_num_classes(model) -> int:
+    """Number of classes of a conditional jaxdiff ``UNet`` (0 for unconditional networks)."""
+    return int(getattr(model, "num_classes", None) or 0)
+
+
 def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
     """The noise schedule a config names (``config.schedule.name`` and its keyword arguments)."""
     kwargs = dict(config.schedule.to_dict())
     name = kwargs.pop("name")
+    if name == "from_pretrained":  # the scheduler config saved beside a diffusers checkpoint
+        from jaxdiff import pretrained
+
+        return pretrained.read_scheduler_config(_pretrained_path(config)).schedule()
     return schedules.get(name, **kwargs)
 
 
@@ -151,10 +209,15 @@ def init_state(
     model: UNet,
     tx: optax.GradientTransformation,
     key: jax.Array,
+    params: Any = None,
 ) -> TrainState:
-    """A fresh ``TrainState`` (pure; jit it to avoid slow eager initialisation)."""
-    x, t = _dummy_inputs(config)
-    params = model.init(key, x, t)["params"]
+    """A fresh ``TrainState`` (pure; jit it to avoid slow eager initialisation).
+
+    ``params``: start from these weights (fine-tuning) instead of a random initialisation.
+    """
+    if params is None:
+        x, t = _dummy_inputs(config)
+        params = model.init(key, x, t)["params"]
     ema = params if config.train.get("ema_decay", 0.0) > 0 else None
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -202,8 +265,8 @@ def diffusion_loss(
         "v_prediction": schedules.velocity(schedule, x0, noise, t) if prediction_type == "v_prediction" else None,
         "sample": x0,
     }[prediction_type]
-    if model.num_classes:
-        context = jax.nn.one_hot(batch["label"], model.num_classes, dtype=jnp.float32)
+    if model_num_classes(model):
+        context = jax.nn.one_hot(batch["label"], model_num_classes(model), dtype=jnp.float32)
         if label_dropout > 0:
             keep = jax.random.bernoulli(k_drop, 1.0 - label_dropout, (b, 1))
             context = context * keep
@@ -461,7 +524,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     )
     last_checkpoint, state = ckpt.restore_latest(manager, abstract, data_iter)
     if state is None:
-        state = create(init_key)
+        state = create(init_key, load_pretrained_params(config))
         _log(f"Started a new run in {workdir}.")
     else:
         _log(f"Resumed from checkpoint step {last_checkpoint} in {workdir}.")

@@ -291,3 +291,47 @@ def test_bfloat16_and_remat():
     out32 = jax.jit(model.apply)({"params": params}, x, t)
     assert out16.dtype == out32.dtype == jnp.float32  # the output is float32 whatever the compute dtype
     assert float(jnp.max(jnp.abs(out16 - out32))) < 0.05 * float(jnp.max(jnp.abs(out32))) + 0.02
+
+
+def test_finetune_config_lowers_the_loss_and_resumes(tmp_path):
+    """configs/finetune.py:smoke on a tiny stand-in checkpoint and a generated image folder."""
+    from conftest import load_config
+    from PIL import Image
+
+    from jaxdiff import train as train_lib
+
+    tiny = {**NOTEBOOK_CONFIG, "in_channels": 3, "out_channels": 3, "sample_size": 32,
+            "block_out_channels": (16, 32, 32), "norm_num_groups": 8}  # fmt: skip
+    pipeline = tmp_path / "pipeline"
+    unet = _torch_unet(tiny)
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(pipeline)
+    images = tmp_path / "dogs"
+    images.mkdir()
+    for i in range(8):  # smooth colour patterns: easy to fit
+        yy, xx = np.mgrid[0:40, 0:40] / 40.0
+        img = np.stack([np.sin(3 * xx + i), np.cos(2 * yy - i), xx * yy], -1) * 0.5 + 0.5
+        Image.fromarray((img * 255).astype(np.uint8)).save(images / f"dog{i}.png")
+
+    config = load_config("finetune", "smoke")
+    config.model.pretrained = str(pipeline)
+    config.data.path = str(images)
+    workdir = tmp_path / "run"
+    train_lib.train_and_evaluate(config, workdir)
+    losses = [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 20
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+    _, _, schedule = pretrained.load_diffusers(pipeline)  # the schedule came from the checkpoint
+    np.testing.assert_allclose(schedule.betas, train_lib.build_schedule(config).betas)
+
+    config.train.num_steps = 24
+    state = train_lib.train_and_evaluate(config, workdir)  # resumes from checkpoint 20
+    assert int(state.step) == 24
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 24
+    out = tmp_path / "export"
+    pretrained.save_diffusers(state.params, pretrained.read_unet_config(pipeline), out)
+    reloaded = diffusers.UNet2DModel.from_pretrained(out)
+    x = np.random.default_rng(1).normal(size=(1, 32, 32, 3)).astype(np.float32)
+    t = np.array([10])
+    model = train_lib.build_model(config)
+    np.testing.assert_allclose(_torch_output(reloaded, x, t), _apply(model, state.params, x, t), atol=1e-4)
