@@ -15,7 +15,7 @@ Variants (``--config=configs/digits.py:VARIANT``):
   conditional_smoke  both.
 """
 
-from jaxdiff.config_defaults import base_config
+from jaxdiff.config_defaults import base_config, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
@@ -29,7 +29,9 @@ def get_config(arg: str | None = None):
     c.data.image_size = 16
     c.data.channels = 1
 
-    c.model.hidden_dims = (32, 64, 128)
+    c.model.hidden_dims = (16, 32, 64)
+    c.model.heads = 2
+    c.model.head_dim = 16
 
     c.schedule.name = "cosine"
     c.schedule.num_train_timesteps = 1000
@@ -43,11 +45,11 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 100
     c.optim.grad_clip_norm = 1.0
 
-    c.train.num_steps = 3000
-    c.train.batch_size = 64
+    c.train.num_steps = 1500
+    c.train.batch_size = 32
     c.train.checkpoint_every = 500
-    c.train.log_every = 100
-    c.train.sample_every = 1000
+    c.train.log_every = 50
+    c.train.sample_every = 500
     c.train.ema_decay = 0.995
 
     c.sample.num_images = 64
@@ -59,18 +61,10 @@ def get_config(arg: str | None = None):
         c.train.label_dropout = 0.1
 
     if "smoke" in variants:
-        c.model.hidden_dims = (8, 16, 16)
-        c.model.norm_groups = 4
-        c.model.heads = 2
-        c.model.head_dim = 8
-        c.optim.warmup_steps = 2
+        shrink_for_smoke(c)
         c.train.num_steps = 6
         c.train.batch_size = 16
         c.train.checkpoint_every = 3
-        c.train.log_every = 2
-        c.train.sample_every = 0
-        c.train.async_checkpointing = False
-        c.data.num_threads = 1
         c.sample.num_images = 8
         c.sample.num_steps = 4
     return c

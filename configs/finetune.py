@@ -21,7 +21,7 @@ Variant ``:smoke``: few steps at 32x32 with a larger learning rate (tests, with 
 random-weight stand-in checkpoint).
 """
 
-from jaxdiff.config_defaults import base_config
+from jaxdiff.config_defaults import base_config, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
@@ -58,14 +58,12 @@ def get_config(arg: str | None = None):
     c.sample.eta = 0.0
 
     if arg == "smoke":
+        shrink_for_smoke(c)  # the network comes from the checkpoint: only the run shrinks
         c.data.image_size = 32
         c.optim.learning_rate = 1e-3
         c.train.batch_size = 8
         c.train.num_steps = 20
         c.train.checkpoint_every = 10
         c.train.log_every = 1
-        c.train.sample_every = 0
-        c.train.async_checkpointing = False
         c.sample.num_images = 2
-        c.sample.num_steps = 3
     return c

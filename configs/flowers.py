@@ -21,7 +21,7 @@ Variant ``:smoke``: the same pipeline with a tiny network and a few steps (for t
 ``tfds.testing.mock_data``).
 """
 
-from jaxdiff.config_defaults import base_config
+from jaxdiff.config_defaults import base_config, shrink_for_smoke
 from jaxdiff.train import steps_for_epochs
 
 NUM_IMAGES = 8189
@@ -67,18 +67,7 @@ def get_config(arg: str | None = None):
     c.sample.use_clipped_model_output = True
 
     if arg == "smoke":
+        shrink_for_smoke(c)
         c.data.image_size = 16
-        c.model.hidden_dims = (8, 16, 16)
-        c.model.norm_groups = 4
-        c.model.heads = 2
-        c.model.head_dim = 8
-        c.train.num_steps = 4
         c.train.batch_size = 8
-        c.train.checkpoint_every = 2
-        c.train.log_every = 2
-        c.train.sample_every = 0
-        c.train.async_checkpointing = False
-        c.optim.warmup_steps = 1
-        c.sample.num_images = 4
-        c.sample.num_steps = 3
     return c

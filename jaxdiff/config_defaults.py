@@ -78,3 +78,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.use_clipped_model_output = False
     c.sample.at_end = True
     return c
+
+
+def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Turns a config into a seconds-long smoke run (tiny U-Net, few steps, synchronous saves).
+
+    Used by the ``:smoke`` variants of every config, which tests and CI run.
+    """
+    c.model.hidden_dims = (8, 16, 16)
+    c.model.norm_groups = 4
+    c.model.heads = 2
+    c.model.head_dim = 8
+    c.optim.warmup_steps = min(c.optim.warmup_steps, 2)
+    c.train.num_steps = 4
+    c.train.checkpoint_every = 2
+    c.train.log_every = 2
+    c.train.sample_every = 0
+    c.train.async_checkpointing = False
+    c.data.num_threads = 1
+    c.sample.num_images = 4
+    c.sample.num_steps = 3
+    return c

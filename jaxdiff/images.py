@@ -41,11 +41,11 @@ def save_image_grid(
 ) -> Path:
     """Writes ``images`` [N, H, W, C] in [0, 1] as a PNG grid (atomically) and returns the path.
 
-    Small images are enlarged (nearest neighbour) so the grid is at least ~256 pixels wide.
+    Small images are enlarged (nearest neighbour) so the grid is at least ~512 pixels wide.
     """
     grid = make_grid(images, ncols)
     if scale is None:
-        scale = max(1, 256 // grid.shape[1])
+        scale = max(1, 512 // grid.shape[1])
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     path = Path(path)

@@ -91,7 +91,12 @@ def make_sampler(
       where ``trajectory[i]`` is the state after the step from ``timesteps[i]``). Jitted: the
       same key gives the same images, and other params of the same shapes do not recompile.
     """
-    from jaxdiff.train import build_model, build_schedule, model_num_classes  # Local: avoids a cycle.
+    from jaxdiff.train import (  # Local: train imports this module.
+        build_model,
+        build_schedule,
+        cpu_compiler_options,
+        model_num_classes,
+    )
 
     model = build_model(config) if model is None else model
     schedule = build_schedule(config) if schedule is None else schedule
@@ -157,7 +162,7 @@ def make_sampler(
             return to_image(x0), to_image(trajectory), jnp.asarray(timesteps)
         return to_image(out)
 
-    return jax.jit(sample)
+    return jax.jit(sample, compiler_options=cpu_compiler_options())
 
 
 class _StepBar:

@@ -20,6 +20,7 @@ from jaxdiff.models.unet import (
 
 __all__ = [
     "AttentionBlock",
+    "DiffusersUNet2D",
     "ResidualBlock",
     "UNet",
     "multihead_attention",
