@@ -52,6 +52,7 @@ def get_config(arg: str | None = None):
     c.train.sample_every = 500
     c.train.ema_decay = 0.995
 
+    c.eval.digits_metrics = True
     c.sample.num_images = 64
     c.sample.num_steps = 50
     c.sample.eta = 0.0

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"

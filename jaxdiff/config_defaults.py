@@ -69,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.async_checkpointing = True
     c.train.distributed = False  # call jax.distributed.initialize() (multi-host)
 
+    # Quality metrics computed on each sample grid and logged to metrics.jsonl.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.digits_metrics = False  # digits FD and classifier confidence (digits data only)
+
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ddim"
     c.sample.num_images = 64

@@ -550,12 +550,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
         sample_fn = make_sampler(config, num_images=int(config.sample.num_images), model=model, schedule=schedule)
 
+    eval_fn = None
+    if config.get("eval", {}).get("digits_metrics", False):
+        if config.data.name != "digits":
+            raise ValueError("config.eval.digits_metrics needs config.data.name='digits'.")
+        from jaxdiff.digits_classifier import make_digits_eval
+
+        eval_fn = make_digits_eval()
+
     def save_samples(step: int, state: TrainState) -> None:
         if sample_fn is None or jax.process_index() != 0:
             return
         params = state.ema_params if state.ema_params is not None else state.params
-        images = sample_fn(params, jax.random.fold_in(sample_key, step))
-        images_lib.save_image_grid(np.asarray(jax.device_get(images)), workdir / "samples" / f"step_{step}.png")
+        images = np.asarray(jax.device_get(sample_fn(params, jax.random.fold_in(sample_key, step))))
+        path = images_lib.save_image_grid(images, workdir / "samples" / f"step_{step}.png")
+        if eval_fn is not None:
+            record = {"step": step, **eval_fn(images)}
+            _write_metrics(workdir, record)
+            _log(f"step {step}: samples in {path}; " + ", ".join(f"{k}={v:.3g}" for k, v in record.items() if k != "step"))
 
     num_steps = int(config.train.num_steps)
     step = int(jax.device_get(state.step))

@@ -31,6 +31,23 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO.parent / "shared" / "reference"
 
 
+def reference_file(name: str) -> Path:
+    """A file of the book's reference data (``shared/reference/`` beside the repository).
+
+    Missing data skips the test on a developer's machine but fails it in CI (``CI=true``), so a
+    parity test can never pass by being skipped there.
+    """
+    import pytest
+
+    path = REFERENCE_DIR / name
+    if not path.exists():
+        message = f"reference data not found at {path} (expects shared/reference/ beside the repository)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return path
+
+
 def load_config(name: str, arg: str | None = None):
     """``configs/<name>.py`` -> ``get_config(arg)``, as ``--config=configs/<name>.py:<arg>`` does."""
     spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import chex
 import hypothesis.strategies as st
@@ -13,16 +12,15 @@ import numpy as np
 import pytest
 from hypothesis import given
 
+from conftest import reference_file
+
 from jaxdiff import schedules
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "book_reference_small.npz"
 
 
 @pytest.fixture(scope="module")
 def ref():
-    if not REFERENCE.exists():
-        pytest.skip(f"book reference data not found at {REFERENCE} (expects shared/ beside the repo)")
-    return dict(np.load(REFERENCE))
+    return dict(np.load(reference_file("book_reference_small.npz")))
 
 
 # --------------------------------------------------------------------------- book reference

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_file
 
 from jaxdiff.models import (
     UNet,
@@ -20,11 +20,6 @@ from jaxdiff.models import (
     unet_torch_shapes,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-NPZ = REFERENCE / "book_reference_small.npz"
-SHAPES = REFERENCE / "book_unet_param_shapes.txt"
-needs_npz = pytest.mark.skipif(not NPZ.exists(), reason=f"book reference data not found at {NPZ}")
-needs_shapes = pytest.mark.skipif(not SHAPES.exists(), reason=f"{SHAPES} not found")
 
 SMALL_BOOK = (16, 32, 64, 128)  # the book's UNet(3, hidden_dims=[16, 32, 64, 128]) of the npz
 TINY = dict(hidden_dims=(8, 16), heads=2, head_dim=8)  # fast model for the option tests
@@ -64,21 +59,19 @@ def tiny_inputs(batch: int = 2, size: int = 8, channels: int = 3, seed: int = 0)
 
 @pytest.fixture(scope="module")
 def reference():
-    if not NPZ.exists():
-        pytest.skip(f"book reference data not found at {NPZ}")
-    data = np.load(NPZ)
+    data = np.load(reference_file("book_reference_small.npz"))
     state_dict = {k.removeprefix("param/"): data[k] for k in data.files if k.startswith("param/")}
     return data, state_dict
 
 
 # ---------------------------------------------------------------- the book's model exactly
-@needs_shapes
 def test_full_model_size_and_pytorch_names():
     model = UNet()
     flax_shapes = init_shapes(model, 64)
     assert n_params(flax_shapes) == 133_417_219
 
-    book = [line.split("\t") for line in SHAPES.read_text().splitlines() if line.strip()]
+    shapes = reference_file("book_unet_param_shapes.txt")
+    book = [line.split("\t") for line in shapes.read_text().splitlines() if line.strip()]
     ours = unet_torch_shapes(model)
     assert len(ours) == len(book) == 196
     assert [(k, str(s)) for k, s in ours.items()] == [(name, shape) for name, shape, _ in book]
