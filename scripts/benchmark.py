@@ -1,0 +1,942 @@
+"""Throughput, compile time, memory, FLOPs and MFU of jaxdiff, beside a PyTorch peer, in one run.
+
+    python scripts/benchmark.py                                   # CPU: small model, 16x16
+    python scripts/benchmark.py --model=book                      # the book's 64x64 model (GPU default)
+    python scripts/benchmark.py --config=configs/digits.py --train_batch=64
+    python scripts/benchmark.py --peer_model=book                 # the same architecture in PyTorch
+    python scripts/benchmark.py --sweep --json=bench.json         # try the speed options
+
+What is measured, for the U-Net a config (or ``--model``) describes:
+
+* training: images/s of the real ``jaxdiff.train.make_train_step`` (AdamW, the config's loss,
+  random timesteps and noise drawn inside the step) jitted over a mesh of all local devices,
+  in steady state (after compilation and warm-up; the best of ``--repeats`` windows of
+  ``--train_iters`` steps), its compile time, and XLA's FLOPs per image
+  (``compiled.cost_analysis()["flops"]``, the per-device program times the devices);
+* sampling: images/s of a DDIM loop (``--sample_steps``, eta 0) from ``jaxdiff.make_sampler``
+  on one device, its compile time, and FLOPs per image (XLA's count for one forward pass times
+  the number of steps: cost analysis counts a ``while`` loop body once);
+* memory: the compiled program's footprint (``memory_analysis()``: temporaries + arguments +
+  outputs - aliased) everywhere, and ``device.memory_stats()["peak_bytes_in_use"]`` where the
+  backend reports it (GPU, TPU);
+* achieved TFLOP/s = FLOPs per image x images/s, and MFU against the device's peak
+  (:data:`PEAK_TFLOPS`; none for CPUs).
+
+The peer is diffusers' ``UNet2DModel`` built as close to our ``UNet`` as its block types allow
+(:func:`peer_unet_kwargs`; both parameter counts are printed), timed the same way in the same
+process on the same device: eager PyTorch forward + backward + AdamW with the same loss, and a
+50-step ``diffusers.DDIMScheduler`` loop under ``torch.inference_mode``. The architectures
+differ (diffusers has 3 ResNets per up level, one more downsampling and narrower attention:
+about half our FLOPs per image for the small model), so besides images/s ratios the table
+shows the achieved FLOP/s of each, counted by XLA for JAX and by ``torch.utils.flop_counter``
+for PyTorch. ``--peer_model=book`` times instead the book's own PyTorch U-Net
+(:func:`book_unet_torch`: the same architecture, tested to compute the same function as ours
+from the same weights), where images/s ratios compare like with like.
+
+Speed options: ``--dtype=bfloat16``, ``--nodonate``, ``--attention_impl``, ``--remat``,
+``--train_batch``/``--sample_batch``, ``--ynn`` (keep XLA:CPU's YNN convolution fusion, which
+PERF_NOTES.md measured 1.6-1.8x slower on a 2-core EPYC; off by default per compiled
+function). ``--sweep`` varies each option alone from the base configuration, then measures
+all the options that helped together, and reports the best configuration.
+
+Timings on a CPU shared with other processes are noisy; compare only ratios from one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxdiff import train as train_lib
+from jaxdiff.config_defaults import base_config
+from jaxdiff.sampling import make_sampler
+
+NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+# Dense peak TFLOP/s per chip: (16-bit, 32-bit). GPU fp32 is the non-tensor-core figure; XLA
+# runs fp32 matmuls on GPUs in TF32 by default, so fp32 "MFU" can exceed what this suggests.
+# TPUs multiply in bf16 passes either way: one figure.
+PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989.0, 67.0),
+    "H100": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "V100": (125.0, 15.7),
+    "L4": (121.0, 30.3),
+    "TPU v4": (275.0, 275.0),
+    "TPU v5 lite": (197.0, 197.0),
+    "TPU v5e": (197.0, 197.0),
+    "TPU v5p": (459.0, 459.0),
+    "TPU v5": (459.0, 459.0),
+    "TPU v6 lite": (918.0, 918.0),
+    "TPU v6e": (918.0, 918.0),
+}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """The device's dense peak TFLOP/s for ``dtype`` (None for CPUs and unknown devices).
+
+    >>> peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16"), peak_tflops("cpu", "float32")
+    (989.0, None)
+    """
+    for name, (half, single) in PEAK_TFLOPS.items():  # Longer names first where they overlap.
+        if name.lower() in device_kind.lower():
+            return half if dtype in ("bfloat16", "float16") else single
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What to measure and how (one benchmark configuration)."""
+
+    dtype: str = "float32"
+    donate: bool = True
+    attention_impl: str = ""  # "": chosen by backend (cpu_fast on CPU, auto elsewhere)
+    remat: bool = False
+    train_batch: int = 32
+    sample_batch: int = 16
+    ynn: bool = False  # keep XLA:CPU's YNN fusion (CPU only)
+    sample_steps: int = 50
+    train_iters: int = 10
+    sample_iters: int = 1
+    repeats: int = 3
+    torch_threads: int = 0  # peer's intra-op threads; 0: the faster of torch's default and 1
+    peer: str = "diffusers"  # "diffusers": UNet2DModel; "book": the same architecture in PyTorch
+
+    def changed(self, base: Options) -> dict[str, Any]:
+        """The fields that differ from ``base``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(base, f.name)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs.
+# ---------------------------------------------------------------------------------------------
+
+MODELS = {
+    # name: (hidden_dims, image_size, channels, norm_groups, heads, head_dim)
+    "small": ((16, 32, 64, 128), 16, 3, 8, 4, 32),  # PERF_NOTES.md's CPU comparison
+    "book": ((128, 256, 512, 1024), 64, 3, 8, 4, 32),  # UNet(): the book's flowers model
+    "tiny": ((8, 16, 16), 8, 1, 4, 2, 8),  # tests
+}
+
+
+def model_config(name: str) -> ml_collections.ConfigDict:
+    """A training config for a named model, with the book's objective and optimizer.
+
+    L1 loss on eps, ``book_cosine`` schedule, AdamW(1e-4, b1 0.95, b2 0.999, wd 1e-5).
+    """
+    if name not in MODELS:
+        raise ValueError(f"--model={name!r} is not one of {tuple(MODELS)}.")
+    dims, size, channels, groups, heads, head_dim = MODELS[name]
+    c = base_config()
+    c.data.image_size, c.data.channels = size, channels
+    c.model.hidden_dims = dims
+    c.model.norm_groups, c.model.heads, c.model.head_dim = groups, heads, head_dim
+    c.loss = "l1"
+    c.optim.learning_rate, c.optim.b1, c.optim.b2, c.optim.weight_decay = 1e-4, 0.95, 0.999, 1e-5
+    c.optim.warmup_steps = 10
+    return c
+
+
+def with_options(config: ml_collections.ConfigDict, opts: Options) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the options' model fields, batch size and step counts."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.model.dtype = opts.dtype
+    c.model.attention_impl = opts.attention_impl
+    c.model.remat = opts.remat
+    c.train.batch_size = opts.train_batch
+    c.train.ema_decay = 0.0
+    c.sample.num_images = opts.sample_batch
+    c.sample.num_steps = opts.sample_steps
+    c.sample.sampler, c.sample.eta = "ddim", 0.0
+    return c
+
+
+def _compiler_options(opts: Options) -> dict[str, str] | None:
+    return NO_YNN if jax.default_backend() == "cpu" and not opts.ynn else None
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def _compiled_bytes(compiled) -> int | None:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+               - mem.alias_size_in_bytes)
+
+
+def _peak_bytes_in_use() -> int | None:
+    stats = jax.local_devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _best_window(run: Callable[[], Any], iters: int, repeats: int) -> tuple[float, list[float]]:
+    """Seconds per call: the best of ``repeats`` windows of ``iters`` calls (and all windows)."""
+    windows = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_result = None
+        for _ in range(iters):
+            run_result = run()
+        jax.block_until_ready(run_result)
+        windows.append((time.perf_counter() - start) / iters)
+    return min(windows), windows
+
+
+def _rates(flops_per_image: float, images_per_sec: float, device_kind: str, dtype: str,
+           num_devices: int = 1) -> dict[str, float | None]:
+    tflops = flops_per_image * images_per_sec / 1e12
+    peak = peak_tflops(device_kind, dtype)
+    return {"tflops": tflops, "mfu": tflops / (peak * num_devices) if peak else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# jaxdiff.
+# ---------------------------------------------------------------------------------------------
+
+
+def jax_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tuple[dict[str, Any], Any]:
+    """Steady-state training throughput of ``make_train_step`` on all local devices.
+
+    Returns ``(metrics, params)``; params (on one device) feed the sampling benchmark.
+    """
+    config = with_options(config, opts)
+    mesh = train_lib.make_mesh(jax.local_devices())
+    if opts.train_batch % mesh.size:
+        raise ValueError(f"train_batch={opts.train_batch} must be a multiple of the {mesh.size} devices.")
+    model = train_lib.build_model(config)
+    schedule = train_lib.build_schedule(config)
+    tx, lr = train_lib.make_optimizer(config)
+    replicated = NamedSharding(mesh, P())
+    state = jax.jit(functools.partial(train_lib.init_state, config, model, tx),
+                    out_shardings=replicated)(jax.random.key(0))
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    if opts.donate:
+        step_fn = train_lib.make_train_step(config, model, tx, schedule, lr, mesh)
+    else:  # make_train_step always donates; the same binding without donation.
+        step_fn = jax.jit(
+            functools.partial(
+                train_lib.train_step, model=model, tx=tx, schedule=schedule, lr_schedule=lr,
+                loss_type=config.loss, prediction_type=config.prediction_type,
+            ),
+            in_shardings=(replicated, NamedSharding(mesh, P("data")), replicated),
+            out_shardings=(replicated, replicated),
+        )
+    rng = np.random.default_rng(0)
+    s, ch = config.data.image_size, config.data.channels
+    batch = train_lib.shard_batch(
+        {"image": rng.uniform(-1, 1, (opts.train_batch, s, s, ch)).astype(np.float32),
+         "label": np.zeros((opts.train_batch,), np.int32)}, mesh)
+    key = jax.random.key(1)
+
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch, key).compile(compiler_options=_compiler_options(opts))
+    compile_s = time.perf_counter() - start
+
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch, key)
+        return metrics["loss"]
+
+    for _ in range(2):  # warm-up
+        jax.block_until_ready(run())
+    seconds, windows = _best_window(run, opts.train_iters, opts.repeats)
+    loss = float(run())
+    flops_per_image = _flops(compiled) * mesh.size / opts.train_batch
+    images_per_sec = opts.train_batch / seconds
+    kind = jax.local_devices()[0].device_kind
+    out = {
+        "images_per_sec": images_per_sec,
+        "step_seconds": seconds,
+        "step_seconds_windows": windows,
+        "compile_seconds": compile_s,
+        "flops_per_image": flops_per_image,
+        **_rates(flops_per_image, images_per_sec, kind, opts.dtype, mesh.size),
+        "compiled_bytes": _compiled_bytes(compiled),
+        "peak_bytes_in_use": _peak_bytes_in_use(),
+        "num_params": num_params,
+        "num_devices": mesh.size,
+        "final_loss": loss,
+    }
+    params = jax.device_put(holder["state"].params, jax.local_devices()[0])
+    return out, params
+
+
+def jax_sampling_benchmark(config: ml_collections.ConfigDict, opts: Options, params: Any) -> dict[str, Any]:
+    """Throughput of ``make_sampler``'s DDIM loop (one compiled ``scan``) on one device."""
+    config = with_options(config, opts)
+    model = train_lib.build_model(config)
+    sampler = make_sampler(config, model=model)
+    key = jax.random.key(2)
+    start = time.perf_counter()
+    compiled = sampler.lower(params, key).compile(compiler_options=_compiler_options(opts))
+    compile_s = time.perf_counter() - start
+    run = lambda: compiled(params, key)
+    images = jax.block_until_ready(run())  # warm-up
+    seconds, windows = _best_window(run, opts.sample_iters, opts.repeats)
+
+    s, ch = config.data.image_size, config.data.channels
+    x = jnp.zeros((opts.sample_batch, s, s, ch), jnp.float32)
+    t = jnp.zeros((opts.sample_batch,), jnp.int32)
+    forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+    forward_flops = _flops(forward.lower(params, x, t).compile(compiler_options=_compiler_options(opts)))
+    flops_per_image = forward_flops * opts.sample_steps / opts.sample_batch
+    images_per_sec = opts.sample_batch / seconds
+    return {
+        "images_per_sec": images_per_sec,
+        "loop_seconds": seconds,
+        "loop_seconds_windows": windows,
+        "compile_seconds": compile_s,
+        "flops_per_image": flops_per_image,
+        **_rates(flops_per_image, images_per_sec, jax.local_devices()[0].device_kind, opts.dtype),
+        "compiled_bytes": _compiled_bytes(compiled),
+        "peak_bytes_in_use": _peak_bytes_in_use(),
+        "images_finite": bool(np.isfinite(np.asarray(images)).all()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch peer: diffusers' UNet2DModel.
+# ---------------------------------------------------------------------------------------------
+
+
+def peer_unet_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``UNet2DModel`` arguments closest to the ``UNet`` of ``config``.
+
+    Same widths (``block_out_channels = hidden_dims``), two ResNets per down level, GroupNorm
+    groups, SiLU, time embedding (sinusoid with ``i / (half - 1)`` frequencies, sines first,
+    MLP of width 4 d_0), attention in the down level of width ``d_{L-2}``, the middle and the
+    full-resolution up level. Unavoidable differences: diffusers downsamples after every level
+    but the last (one halving more: our last transition keeps the resolution), has 3 ResNets per
+    up level, strided-conv downsampling instead of space-to-depth, and attention as wide as the
+    level (heads of ``min(head_dim, d_0)`` channels) instead of a fixed heads x head_dim.
+    """
+    dims = tuple(config.model.hidden_dims)
+    n = len(dims)
+    down = ["AttnDownBlock2D" if i == n - 2 else "DownBlock2D" for i in range(n)]
+    up = ["AttnUpBlock2D" if i == n - 1 else "UpBlock2D" for i in range(n)]
+    return {
+        "sample_size": config.data.image_size,
+        "in_channels": config.data.channels,
+        "out_channels": config.data.channels,
+        "block_out_channels": dims,
+        "down_block_types": tuple(down),
+        "up_block_types": tuple(up),
+        "layers_per_block": 2,
+        "norm_num_groups": config.model.norm_groups,
+        "attention_head_dim": min(config.model.head_dim, dims[0]),
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "act_fn": "silu",
+    }
+
+
+def book_unet_torch(model: Any) -> Any:
+    """The book's PyTorch U-Net (ch. 15) for a :class:`jaxdiff.models.UNet`'s settings, NCHW.
+
+    The same architecture and module names as the book's code, so
+    :func:`jaxdiff.models.unet_params_to_torch` weights load into it with ``strict=True`` and it
+    computes the same function as our ``UNet`` (checked in tests/test_benchmark.py): the
+    exact-architecture peer (``--peer=book``; PERF_NOTES.md's comparison). Unconditional only.
+    Call as ``net(x [B, C, H, W], t [B]) -> eps``.
+    """
+    import einops
+    import einops.layers.torch as et
+    import torch
+    from torch import nn as tnn
+    from torch.nn import functional as F
+
+    dims = tuple(model.hidden_dims)
+    last = len(dims) - 2
+    stages = model.resolved_attention_stages
+    temb_dim = model.resolved_time_emb_dim
+    emb = 4 * temb_dim
+    groups, heads, head_dim = model.norm_groups, model.heads, model.head_dim
+
+    class ResidualBlock(tnn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.time_emb_proj = tnn.Sequential(tnn.SiLU(), tnn.Linear(emb, cout))
+            self.residual_conv = tnn.Conv2d(cin, cout, 1) if cin != cout else None
+            self.conv1, self.conv2 = tnn.Conv2d(cin, cout, 3, padding=1), tnn.Conv2d(cout, cout, 3, padding=1)
+            self.norm1, self.norm2 = tnn.GroupNorm(groups, cout), tnn.GroupNorm(groups, cout)
+
+        def forward(self, x, temb):
+            h = F.silu(self.norm1(self.conv1(x)))
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            h = F.silu(self.norm2(self.conv2(h)))
+            return h + (self.residual_conv(x) if self.residual_conv is not None else x)
+
+    class LayerNorm(tnn.Module):  # over channels, gain only, biased variance
+        def __init__(self, c):
+            super().__init__()
+            self.g = tnn.Parameter(torch.ones(1, c, 1, 1))
+
+        def forward(self, x):
+            var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+            return (x - mean) * (var + 1e-5).rsqrt() * self.g
+
+    class Attention(tnn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.to_qkv = tnn.Conv2d(c, 3 * heads * head_dim, 1, bias=False)
+            self.to_out = tnn.Conv2d(heads * head_dim, c, 1)
+
+        def forward(self, x):
+            hh, ww = x.shape[2:]
+            q, k, v = (einops.rearrange(a, "b (n d) x y -> b n (x y) d", n=heads)
+                       for a in self.to_qkv(x).chunk(3, dim=1))
+            out = F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)
+            return self.to_out(einops.rearrange(out, "b n (x y) d -> b (n d) x y", x=hh, y=ww))
+
+    class PreNorm(tnn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.norm, self.fn = LayerNorm(c), Attention(c)
+
+        def forward(self, x):
+            return self.fn(self.norm(x))
+
+    class Residual(tnn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.fn = PreNorm(c)
+
+        def forward(self, x):
+            return x + self.fn(x)
+
+    def maybe_attn(i, c):
+        return Residual(c) if i in stages else tnn.Identity()
+
+    class BookUNet(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.time_embedding = tnn.Sequential(tnn.Linear(temb_dim, emb), tnn.SiLU(), tnn.Linear(emb, emb))
+            self.init_conv = tnn.Conv2d(model.in_channels, dims[0], 3, padding=1)
+            self.down_blocks = tnn.ModuleList([
+                tnn.ModuleList([
+                    ResidualBlock(dims[i], dims[i]), ResidualBlock(dims[i], dims[i]), maybe_attn(i, dims[i]),
+                    tnn.Sequential(et.Rearrange("b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2),
+                                   tnn.Conv2d(4 * dims[i], dims[i + 1], 1))
+                    if i < last else tnn.Conv2d(dims[i], dims[i + 1], 3, padding=1),
+                ]) for i in range(len(dims) - 1)
+            ])
+            self.mid_block1 = ResidualBlock(dims[-1], dims[-1])
+            self.mid_attn = Residual(dims[-1])
+            self.mid_block2 = ResidualBlock(dims[-1], dims[-1])
+            up = []
+            for j in range(len(dims) - 1):
+                c, s = dims[-1 - j], dims[-2 - j]
+                up.append(tnn.ModuleList([
+                    ResidualBlock(c + s, c), ResidualBlock(c + s, c), maybe_attn(j, c),
+                    tnn.Sequential(tnn.Upsample(scale_factor=2, mode="nearest"), tnn.Conv2d(c, s, 3, padding=1))
+                    if j < last else tnn.Conv2d(c, s, 3, padding=1),
+                ]))
+            self.up_blocks = tnn.ModuleList(up)
+            self.out_block = ResidualBlock(2 * dims[0], dims[0])
+            out_channels = model.out_channels or model.in_channels
+            self.conv_out = tnn.Conv2d(dims[0], out_channels, 1)
+
+        def forward(self, x, t):
+            t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(x.shape[0])
+            half = temb_dim // 2
+            freqs = torch.exp(torch.arange(half, device=x.device) * (-math.log(10000.0) / (half - 1)))
+            args = t[:, None] * freqs[None, :]
+            temb = self.time_embedding(torch.cat([args.sin(), args.cos()], dim=-1))
+            h = r = self.init_conv(x)
+            skips = []
+            for res0, res1, attn, down in self.down_blocks:
+                h = res0(h, temb)
+                skips.append(h)
+                h = attn(res1(h, temb))
+                skips.append(h)
+                h = down(h)
+            h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
+            for res0, res1, attn, up in self.up_blocks:
+                h = res0(torch.cat([h, skips.pop()], dim=1), temb)
+                h = res1(torch.cat([h, skips.pop()], dim=1), temb)
+                h = up(attn(h))
+            return self.conv_out(self.out_block(torch.cat([h, r], dim=1), temb))
+
+    return BookUNet()
+
+
+PEERS = ("diffusers", "book")
+
+
+def build_peer(config: ml_collections.ConfigDict, peer: str) -> Any:
+    """The PyTorch peer network: ``(x [B, C, H, W], t [B]) -> eps`` tensor."""
+    if peer == "book":
+        return book_unet_torch(train_lib.build_model(config))
+    if peer == "diffusers":
+        from diffusers import UNet2DModel
+
+        net = UNet2DModel(**peer_unet_kwargs(config))
+        return _SampleOutput(net)
+    raise ValueError(f"peer={peer!r} is not one of {PEERS}.")
+
+
+def _SampleOutput(net: Any) -> Any:
+    """Wraps a diffusers model so that it returns the tensor, not ``UNet2DOutput``."""
+    import torch
+
+    class Unwrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t):
+            return self.net(x, t).sample
+
+    return Unwrap()
+
+
+def _torch_device() -> str:
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _torch_flops(fn: Callable[[], Any]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def _torch_sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def choose_torch_threads(step: Callable[[], Any], opts: Options, device: str) -> dict[str, float]:
+    """Sets torch's intra-op thread count: ``opts.torch_threads``, or on CPU the faster of
+    torch's default and 1 thread (timed over 2 steps each).
+
+    On a CPU shared with other processes, OpenMP's barriers make multi-threaded eager PyTorch
+    collapse when a thread is descheduled (measured: 0.03 s per step on 1 thread, 13 s on 2,
+    at load average 9 on 2 cores); the peer gets its best setting. Returns the probe times.
+    """
+    import torch
+
+    if opts.torch_threads:
+        torch.set_num_threads(opts.torch_threads)
+        return {}
+    default = torch.get_num_threads()
+    if device != "cpu" or default == 1:
+        return {}
+    probe = {}
+    for threads in (1, default):
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        step()  # warm-up at this thread count
+        if threads != 1 and time.perf_counter() - start > 5 * probe[1]:
+            probe[threads] = time.perf_counter() - start  # collapsed: do not wait for more
+            break
+        start = time.perf_counter()
+        step()
+        step()
+        probe[threads] = (time.perf_counter() - start) / 2
+    torch.set_num_threads(min(probe, key=probe.get))
+    return {str(k): v for k, v in probe.items()}
+
+
+def peer_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tuple[dict[str, Any], Any]:
+    """Eager PyTorch: ``UNet2DModel`` forward + backward + AdamW step, L1 on eps."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDIMScheduler
+
+    device = _torch_device()
+    torch.manual_seed(0)
+    model = build_peer(with_options(config, opts), opts.peer).to(device).train()
+    num_params = sum(p.numel() for p in model.parameters())
+    o = config.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
+                            eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    s, ch, b = config.data.image_size, config.data.channels, opts.train_batch
+    x0 = torch.rand(b, ch, s, s, device=device) * 2 - 1
+    autocast = opts.dtype in ("bfloat16", "float16")
+
+    def step():
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (b,), device=device)
+        x_t = scheduler.add_noise(x0, noise, t)
+        with torch.autocast(device, dtype=getattr(torch, opts.dtype), enabled=autocast):
+            pred = model(x_t, t)
+        loss = F.l1_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    flops_per_image = _torch_flops(step) / b  # also a warm-up step
+    probe = choose_torch_threads(step, opts, device)
+    step()
+    _torch_sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    windows = []
+    for _ in range(opts.repeats):
+        start = time.perf_counter()
+        for _ in range(opts.train_iters):
+            loss = step()
+        _torch_sync(device)
+        windows.append((time.perf_counter() - start) / opts.train_iters)
+    seconds = min(windows)
+    images_per_sec = b / seconds
+    kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return {
+        "images_per_sec": images_per_sec,
+        "step_seconds": seconds,
+        "step_seconds_windows": windows,
+        "flops_per_image": flops_per_image,
+        **_rates(flops_per_image, images_per_sec, kind, opts.dtype),
+        "peak_bytes_in_use": int(torch.cuda.max_memory_allocated()) if device == "cuda" else None,
+        "num_params": num_params,
+        "final_loss": float(loss.detach()),
+        "torch_threads": torch.get_num_threads(),
+        "torch_threads_probe_seconds": probe,
+        "device": device,
+    }, model
+
+
+def peer_sampling_benchmark(config: ml_collections.ConfigDict, opts: Options, model: Any) -> dict[str, Any]:
+    """Eager PyTorch: a ``DDIMScheduler`` loop (eta 0) over ``UNet2DModel``, inference mode."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    device = _torch_device()
+    model = model.eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                              clip_sample=bool(config.sample.get("clip_sample", True)))
+    s, ch, b = config.data.image_size, config.data.channels, opts.sample_batch
+    autocast = opts.dtype in ("bfloat16", "float16")
+    generator = torch.Generator(device).manual_seed(0)
+
+    def sample():
+        scheduler.set_timesteps(opts.sample_steps)
+        x = torch.randn(b, ch, s, s, device=device, generator=generator)
+        with torch.inference_mode(), torch.autocast(device, dtype=getattr(torch, opts.dtype), enabled=autocast):
+            for t in scheduler.timesteps:
+                eps = model(x, t).float()
+                x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        return ((x + 1) / 2).clamp(0, 1)
+
+    with torch.inference_mode():
+        forward_flops = _torch_flops(lambda: model(torch.zeros(b, ch, s, s, device=device),
+                                                   torch.zeros(b, dtype=torch.long, device=device)))
+    images = sample()  # warm-up
+    _torch_sync(device)
+    windows = []
+    for _ in range(opts.repeats):
+        start = time.perf_counter()
+        for _ in range(opts.sample_iters):
+            sample()
+        _torch_sync(device)
+        windows.append((time.perf_counter() - start) / opts.sample_iters)
+    seconds = min(windows)
+    flops_per_image = forward_flops * opts.sample_steps / b
+    images_per_sec = b / seconds
+    kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return {
+        "images_per_sec": images_per_sec,
+        "loop_seconds": seconds,
+        "loop_seconds_windows": windows,
+        "flops_per_image": flops_per_image,
+        **_rates(flops_per_image, images_per_sec, kind, opts.dtype),
+        "peak_bytes_in_use": int(torch.cuda.max_memory_allocated()) if device == "cuda" else None,
+        "images_finite": bool(torch.isfinite(images).all()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs, sweep, report.
+# ---------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """The host and accelerator: CPU model, device kind and count, versions, load average."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "device_kind": jax.local_devices()[0].device_kind,
+        "num_local_devices": jax.local_device_count(),
+        "jax": jax.__version__,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run_benchmark(config: ml_collections.ConfigDict, opts: Options, *, peer: bool = True,
+                  sampling: bool = True) -> dict[str, Any]:
+    """One benchmark configuration: jaxdiff (and the peer), with jaxdiff/peer ratios."""
+    train, params = jax_train_benchmark(config, opts)
+    result: dict[str, Any] = {"options": dataclasses.asdict(opts), "jaxdiff": {"train": train}}
+    if sampling:
+        result["jaxdiff"]["sampling"] = jax_sampling_benchmark(config, opts, params)
+    if peer:
+        add_peer(result, config, opts, sampling=sampling)
+    return result
+
+
+def add_peer(result: dict[str, Any], config: ml_collections.ConfigDict, opts: Options, *,
+             sampling: bool = True) -> dict[str, Any]:
+    """Adds the PyTorch peer's numbers and the jaxdiff/peer ratios to ``result`` (in place)."""
+    if jax.default_backend() != "cpu" and _torch_device() == "cpu":
+        result["peer_skipped"] = "torch has no CUDA here; the peer must run on the same device"
+        return result
+    peer_train, torch_model = peer_train_benchmark(config, opts)
+    result["peer"] = {
+        "model": "diffusers.UNet2DModel" if opts.peer == "diffusers" else "book UNet (PyTorch, same architecture)",
+        "config": peer_unet_kwargs(config) if opts.peer == "diffusers" else "as jaxdiff",
+        "train": peer_train,
+    }
+    if sampling:
+        result["peer"]["sampling"] = peer_sampling_benchmark(config, opts, torch_model)
+    result["ratios"] = {
+        f"{part}_{metric}": result["jaxdiff"][part][metric] / result["peer"][part][metric]
+        for part in ("train", "sampling") if part in result["peer"] and part in result["jaxdiff"]
+        for metric in ("images_per_sec", "tflops")
+    }
+    return result
+
+
+def sweep_variants(base: Options) -> list[Options]:
+    """Each speed option changed alone from ``base``."""
+    gpu = jax.default_backend() != "cpu"
+    variants = [
+        dataclasses.replace(base, dtype="bfloat16" if base.dtype == "float32" else "float32"),
+        dataclasses.replace(base, donate=not base.donate),
+        dataclasses.replace(base, remat=not base.remat),
+        dataclasses.replace(base, train_batch=base.train_batch * 2, sample_batch=base.sample_batch * 2),
+        dataclasses.replace(base, train_batch=max(base.train_batch // 2, jax.local_device_count()),
+                            sample_batch=max(base.sample_batch // 2, 1)),
+    ]
+    attention = ("xla", "cudnn") if gpu else ("xla",)
+    variants += [dataclasses.replace(base, attention_impl=a) for a in attention if a != base.attention_impl]
+    if not gpu:
+        variants.append(dataclasses.replace(base, ynn=not base.ynn))
+    return variants
+
+
+def sweep(config: ml_collections.ConfigDict, base: Options, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measures ``base`` and each variant (jaxdiff only), then all helpful changes together.
+
+    Batch-size changes are reported but left out of the combination (they change the job).
+    Returns per-variant images/s for training and sampling and the best configuration.
+    """
+    log = functools.partial(print, flush=True) if log is None else log
+    def measure(opts: Options) -> dict[str, Any]:
+        try:
+            r = run_benchmark(config, opts, peer=False)
+            return {"changed": opts.changed(base), "train_images_per_sec": r["jaxdiff"]["train"]["images_per_sec"],
+                    "sampling_images_per_sec": r["jaxdiff"]["sampling"]["images_per_sec"],
+                    "train_compile_seconds": r["jaxdiff"]["train"]["compile_seconds"]}
+        except Exception as e:  # noqa: BLE001 -- an option unsupported here (e.g. cudnn) is a result too
+            return {"changed": opts.changed(base), "error": f"{type(e).__name__}: {e}"[:300]}
+
+    base_row = measure(base)
+    log(f"sweep: base {_row_text(base_row)}")
+    rows = []
+    for opts in sweep_variants(base):
+        row = measure(opts)
+        rows.append(row)
+        log(f"sweep: {row['changed']} {_row_text(row)}")
+    best: dict[str, Any] = {}
+    for part in ("train", "sampling"):
+        metric = f"{part}_images_per_sec"
+        helpful = {}
+        for row in rows:
+            batch_change = "train_batch" in row["changed"]
+            if "error" not in row and not batch_change and row[metric] > base_row.get(metric, float("inf")):
+                helpful.update(row["changed"])
+        combined_row = base_row
+        if helpful:
+            combined = dataclasses.replace(base, **helpful)
+            combined_row = measure(combined) if len(helpful) > 1 else next(
+                r for r in rows if r["changed"] == helpful)
+            log(f"sweep: {part} best-of {helpful} {_row_text(combined_row)}")
+        candidates = [base_row, combined_row] + [r for r in rows if "train_batch" not in r["changed"]]
+        winner = max((r for r in candidates if "error" not in r), key=lambda r: r[metric])
+        best[part] = {"changed": winner["changed"], "images_per_sec": winner[metric],
+                      "speedup_over_base": winner[metric] / base_row[metric]}
+    return {"base": base_row, "variants": rows, "best": best}
+
+
+def _row_text(row: Mapping[str, Any]) -> str:
+    if "error" in row:
+        return f"failed: {row['error']}"
+    return (f"train {row['train_images_per_sec']:.1f} img/s, sampling {row['sampling_images_per_sec']:.2f} img/s, "
+            f"compile {row['train_compile_seconds']:.1f} s")
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if unit == "B":
+            return f"{value / 2**20:.0f} MiB"
+        if unit == "%":
+            return f"{100 * value:.2f}%"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int) and unit == "B":
+        return f"{value / 2**20:.0f} MiB"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """A human-readable table of :func:`run_benchmark`'s result (plus the sweep, if any)."""
+    m = result["machine"]
+    o = result["options"]
+    torch_version = f", torch {m['torch']}" if "torch" in m else ""
+    lines = [
+        (f"machine: {m['cpu']} ({m['cpu_count']} CPUs), backend {m['backend']}, "
+         f"{m['num_local_devices']} x {m['device_kind']}; jax {m['jax']}{torch_version}; "
+         f"load average {m.get('load_average')}"),
+        (f"model: {result['model']}, {result['image_size']}x{result['image_size']}x{result['channels']}; "
+         f"train batch {o['train_batch']}, DDIM-{o['sample_steps']} batch {o['sample_batch']}; dtype {o['dtype']}, "
+         f"donate {o['donate']}, attention {o['attention_impl'] or 'by backend'}, remat {o['remat']}, "
+         f"ynn {'on' if o['ynn'] else 'off'}"),
+    ]
+    jt = result["jaxdiff"]["train"]
+    peer = result.get("peer")
+    lines.append(f"parameters: jaxdiff UNet {jt['num_params']:,}"
+                 + (f"; peer {peer['model']} {peer['train']['num_params']:,} {peer['config']}" if peer else ""))
+    if peer:
+        lines.append(f"peer: eager PyTorch on {peer['train']['device']}, {peer['train']['torch_threads']} "
+                     f"intra-op thread(s) (probe s/step by threads: {peer['train']['torch_threads_probe_seconds']})")
+    rows = [("", "jaxdiff", "peer", "jaxdiff/peer")]
+    for part, title in (("train", "train"), ("sampling", "DDIM")):
+        if part not in result["jaxdiff"]:
+            continue
+        j = result["jaxdiff"][part]
+        p = peer[part] if peer and part in peer else {}
+        for key, label, unit in (
+            ("images_per_sec", "images/s", ""),
+            ("compile_seconds", "compile s", ""),
+            ("flops_per_image", "GFLOP/image", "G"),
+            ("tflops", "achieved TFLOP/s", ""),
+            ("mfu", "MFU", "%"),
+            ("compiled_bytes", "compiled memory", "B"),
+            ("peak_bytes_in_use", "peak memory in use", "B"),
+        ):
+            jv, pv = j.get(key), p.get(key)
+            if unit == "G":
+                jv = None if jv is None else jv / 1e9
+                pv = None if pv is None else pv / 1e9
+            if jv is None and pv is None:
+                continue
+            ratio = jv / pv if isinstance(jv, (int, float)) and isinstance(pv, (int, float)) and pv else None
+            rows.append((f"{title} {label}", _fmt(jv, unit), _fmt(pv, unit), _fmt(ratio) if ratio else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    if "sweep" in result:
+        lines.append("sweep (jaxdiff only; each option alone, then the helpful ones together):")
+        lines.append(f"  base: {_row_text(result['sweep']['base'])}")
+        lines += [f"  {r['changed']}: {_row_text(r)}" for r in result["sweep"]["variants"]]
+        for part, b in result["sweep"]["best"].items():
+            lines.append(f"  best for {part}: {b['changed'] or 'the base options'} -> {b['images_per_sec']:.2f} img/s "
+                         f"(x{b['speedup_over_base']:.2f})")
+    return "\n".join(lines)
+
+
+def benchmark(config: ml_collections.ConfigDict, opts: Options, *, model_name: str, peer: bool = True,
+              do_sweep: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The whole report: machine, the base run with its peer, and optionally the sweep."""
+    result = {"machine": machine_info(), "model": model_name, "image_size": config.data.image_size,
+              "channels": config.data.channels, "hidden_dims": list(config.model.hidden_dims)}
+    result.update(run_benchmark(config, opts, peer=peer))
+    if do_sweep:
+        result["sweep"] = sweep(config, opts, log=log)
+    result["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return result
+
+
+def _main(argv) -> None:  # pragma: no cover - exercised by hand; tests call the functions.
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    gpu = jax.default_backend() != "cpu"
+    if f.config is not None:
+        config, name = f.config, "config"
+    else:
+        name = f.model or ("book" if gpu else "small")
+        config = model_config(name)
+    opts = Options(
+        dtype=f.dtype, donate=f.donate, attention_impl=f.attention_impl, remat=f.remat,
+        train_batch=f.train_batch or (config.train.batch_size if f.config is not None else 16 if gpu else 32),
+        sample_batch=f.sample_batch or (config.sample.num_images if f.config is not None else 16),
+        ynn=f.ynn, sample_steps=f.sample_steps, train_iters=f.train_iters or (20 if gpu else 10),
+        sample_iters=f.sample_iters, repeats=f.repeats, torch_threads=f.torch_threads, peer=f.peer_model,
+    )
+    result = benchmark(config, opts, model_name=name, peer=f.peer, do_sweep=f.sweep)
+    print(format_table(result))
+    if f.json:
+        with open(f.json, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+        print(f"wrote {f.json}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "A training config (e.g. configs/digits.py).", lock_config=False)
+    flags.DEFINE_enum("model", None, list(MODELS), "A named model (default: small on CPU, book elsewhere).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Computation dtype.")
+    flags.DEFINE_bool("donate", True, "Donate the train state to the step.")
+    flags.DEFINE_enum("attention_impl", "", ["", "xla", "cudnn", "cpu_fast", "auto"], "UNet.attention_impl ('' by backend).")
+    flags.DEFINE_bool("remat", False, "Rematerialise residual and attention blocks.")
+    flags.DEFINE_integer("train_batch", None, "Training batch (default: the config's; else 32 on CPU, 16 elsewhere).")
+    flags.DEFINE_integer("sample_batch", None, "DDIM batch (default: the config's sample.num_images; else 16).")
+    flags.DEFINE_integer("sample_steps", 50, "DDIM steps.")
+    flags.DEFINE_integer("train_iters", None, "Timed train steps per window (default 10 on CPU, 20 elsewhere).")
+    flags.DEFINE_integer("sample_iters", 1, "Timed DDIM loops per window.")
+    flags.DEFINE_integer("repeats", 3, "Timing windows; the best is reported.")
+    flags.DEFINE_bool("ynn", False, "Keep XLA:CPU's YNN convolution fusion (slower on the measured CPU).")
+    flags.DEFINE_integer("torch_threads", 0, "Peer intra-op threads (0: the faster of torch's default and 1).")
+    flags.DEFINE_enum("peer_model", "diffusers", list(PEERS), "diffusers: UNet2DModel as close as its blocks allow; "
+                      "book: the exact same architecture written in PyTorch.")
+    flags.DEFINE_bool("peer", True, "Also time the PyTorch/diffusers peer.")
+    flags.DEFINE_bool("sweep", False, "Try each speed option and report the best configuration.")
+    flags.DEFINE_string("json", None, "Write the full result as JSON here.")
+    app.run(_main)
