@@ -139,14 +139,15 @@ def inference_timesteps(
 
 
 def kwargs_from_diffusers_config(
-    config: Mapping[str, Any], schedule: Schedule | None = None
+    config: Mapping[str, Any], schedule: Schedule | None = None, *, sampler: str = "ddim"
 ) -> dict[str, Any]:
     """Sampler keyword arguments read from a diffusers scheduler config dict.
 
     Maps ``prediction_type``, ``clip_sample``, ``clip_sample_range``, ``timestep_spacing`` ->
     ``spacing``, ``steps_offset`` and (DDIM) ``set_alpha_to_one`` -> ``final_alpha_cumprod``
     (1.0, or ``schedule.alphas_cumprod[0]`` when False; then ``schedule`` is required). Missing
-    keys take diffusers' defaults. ``variance_type`` is included when present (DDPM).
+    keys take diffusers' defaults. The result fits ``ddim_sample`` (``sampler="ddim"``) or
+    ``ddpm_sample`` (``sampler="ddpm"``: ``variance_type`` instead of ``final_alpha_cumprod``).
 
     Example::
 
@@ -161,9 +162,11 @@ def kwargs_from_diffusers_config(
         "spacing": config.get("timestep_spacing", "leading"),
         "steps_offset": int(config.get("steps_offset", 0)),
     }
-    if "variance_type" in config:
-        kwargs["variance_type"] = config["variance_type"]
-    if not config.get("set_alpha_to_one", True):
+    _check_choice("sampler", sampler, ("ddim", "ddpm"))
+    if sampler == "ddpm":
+        if "variance_type" in config:
+            kwargs["variance_type"] = config["variance_type"]
+    elif not config.get("set_alpha_to_one", True):
         if schedule is None:
             raise ValueError("set_alpha_to_one=False needs the schedule to read alphas_cumprod[0]")
         kwargs["final_alpha_cumprod"] = float(schedule.alphas_cumprod[0])

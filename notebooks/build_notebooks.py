@@ -1058,7 +1058,6 @@ NB05 = [
     NUM_IMAGES = 4
     NUM_STEPS = 10 if FAST else 50
     sampler_kwargs = samplers.kwargs_from_diffusers_config(scheduler_config.raw, schedule)
-    sampler_kwargs.pop("variance_type", None)  # a DDPM-only setting; ddim_sample does not take it
     print(sampler_kwargs)
 
 

@@ -499,3 +499,17 @@ def test_key_is_required():
         samplers.ddim_sample(dummy_eps, _s(), jnp.ones((1, 2)))  # noqa
     with pytest.raises(TypeError):
         samplers.ddim_sample(dummy_eps, _s(), jnp.ones((1, 2)), None, num_steps=5)
+
+
+def test_diffusers_config_kwargs_fit_each_sampler():
+    cfg = {"variance_type": "fixed_small", "set_alpha_to_one": False, "clip_sample": False}
+    s = schedules.linear(1000)
+    ddim = samplers.kwargs_from_diffusers_config(cfg, s)
+    ddpm = samplers.kwargs_from_diffusers_config(cfg, s, sampler="ddpm")
+    assert "variance_type" not in ddim and ddim["final_alpha_cumprod"] == float(s.alphas_cumprod[0])
+    assert ddpm["variance_type"] == "fixed_small" and "final_alpha_cumprod" not in ddpm
+    x = jnp.ones((1, 2))
+    samplers.ddim_sample(dummy_eps, s, x, jax.random.key(0), num_steps=2, **ddim)
+    samplers.ddpm_sample(dummy_eps, s, x, jax.random.key(0), num_steps=2, **ddpm)
+    with pytest.raises(ValueError, match="sampler"):
+        samplers.kwargs_from_diffusers_config(cfg, s, sampler="euler")
