@@ -79,7 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.num_steps = 50
     c.sample.eta = 0.0
     c.sample.clip_sample = True
-    c.sample.use_clipped_model_output = False
+    # Re-derive eps from the clipped x0 (the book's DDIM): keeps each step consistent. Without
+    # it, clipping plus classifier-free guidance at scale 3 wrecked conditional digits samples
+    # (label accuracy 14% vs 100% with it).
+    c.sample.use_clipped_model_output = True
     c.sample.at_end = True
     return c
 

@@ -91,7 +91,8 @@ def color_loss(target_rgb: Sequence[float] | jax.Array) -> LossFn:
     ``target_rgb`` is a colour in ``[0, 1]``; images are in ``[-1, 1]`` with channels last
     (``[B, H, W, 3]``), so the target is mapped to ``[-1, 1]`` before the mean absolute
     difference, exactly as the notebook does (its loss is therefore twice the distance measured
-    in ``[0, 1]`` units).
+    in ``[0, 1]`` units). Any channel count works: a 1-tuple targets the brightness of grey
+    images.
 
     Example::
 

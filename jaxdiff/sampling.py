@@ -130,7 +130,7 @@ def make_sampler(
         return_trajectory=return_trajectory,
     )
     if sampler == "ddim":
-        sampler_kwargs.update(eta=eta, use_clipped_model_output=bool(sc.get("use_clipped_model_output", False)))
+        sampler_kwargs.update(eta=eta, use_clipped_model_output=bool(sc.get("use_clipped_model_output", True)))
         loop = samplers.ddim_sample
     else:
         loop = samplers.ddpm_sample
