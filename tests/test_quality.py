@@ -21,7 +21,7 @@ def digit_classifier():
     from jaxdiff.data import DigitsSource
 
     source = DigitsSource(16)
-    return SVC(gamma="scale", probability=True, random_state=0).fit(
+    return SVC(gamma="scale").fit(
         flatten((source.images + 1) / 2), source.labels
     )
 
