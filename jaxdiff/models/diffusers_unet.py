@@ -38,6 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.unet import multihead_attention
+
 __all__ = [
     "DiffusersUNet2D",
     "SUPPORTED_DOWN_BLOCK_TYPES",
@@ -226,8 +228,9 @@ class _SpatialAttention(nn.Module):
         q, k, v = (
             dense(inner, n)(h).reshape(b, hgt * wid, heads, self.head_dim) for n in ("to_q", "to_k", "to_v")
         )
-        # Logits and softmax are float32 even for bf16 inputs (diffusers' upcast_softmax=True).
-        h = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, inner)
+        # Logits and softmax are float32 even for bf16 inputs (diffusers' upcast_softmax=True);
+        # the implementation is chosen by backend, as for jaxdiff's own UNet.
+        h = multihead_attention(q, k, v, scale=self.head_dim**-0.5).reshape(b, hgt * wid, inner)
         h = dense(c, "to_out_0")(h).reshape(b, hgt, wid, c)
         return (h + x) / self.rescale_output_factor
 
