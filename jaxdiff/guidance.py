@@ -20,6 +20,7 @@ All wrappers keep the parametrisation of the wrapped network (``prediction_type`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -266,3 +267,23 @@ def classifier_guidance(
         return _output_from_eps(eps, x, abar, prediction_type).astype(out.dtype)
 
     return guided_eps_fn
+
+
+def clip_loss(model: Any, params: Any, text: Any, **kwargs: Any) -> LossFn:
+    """CLIP guidance loss ``loss_fn(x0_pred)`` for :func:`gradient_guidance`.
+
+    The spherical distance between CLIP embeddings of random cut-outs of the predicted image
+    and the prompt's embedding, averaged over cuts (the hands-on notebook's CLIP guidance;
+    Radford et al. 2021). Implemented in :func:`jaxdiff.clip.clip_loss` (imported lazily, so
+    ``jaxdiff.guidance`` does not load the tokenizer); keyword arguments (``key``, ``n_cuts``,
+    ``tokenizer``, ...) are passed through.
+
+    Example::
+
+        model, params, tokenizer = jaxdiff.clip.load_open_clip("ViT-B-32.safetensors", "ViT-B-32")
+        loss_fn = guidance.clip_loss(model, params, "a red flower", key=jax.random.key(0))
+        eps_fn = guidance.gradient_guidance(eps_fn, loss_fn, 50.0, schedule)
+    """
+    from jaxdiff.clip import clip_loss as _clip_loss
+
+    return _clip_loss(model, params, text, **kwargs)

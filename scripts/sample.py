@@ -10,6 +10,11 @@ Flags: --labels (comma-separated class indices, cycled over the images; conditio
 only), --guidance_scale (classifier-free guidance), --steps, --eta, --sampler (ddim/ddpm),
 --seed, --npz (uint8 images [N, H, W, C] and labels), --trajectory (writes OUT_trajectory.png:
 one row per image, columns at t = 800, 600, 400, 200, 0 or the nearest visited timesteps).
+
+CLIP guidance (the hands-on notebook's text steering), with weights on local disk:
+
+    python scripts/sample.py --workdir=runs/flowers --clip_prompt="a red rose" \
+        --clip_checkpoint=checkpoints/ViT-B-32.safetensors --clip_scale=50
 """
 
 from __future__ import annotations
@@ -32,10 +37,41 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("npz", None, "Also write images (uint8) and labels to this .npz file.")
 flags.DEFINE_bool("trajectory", False, "Also write a strip of intermediate states.")
 flags.DEFINE_integer("ncols", None, "Grid columns (default: square-ish).")
+flags.DEFINE_string("clip_prompt", None, "Steer sampling toward this text with CLIP guidance.")
+flags.DEFINE_string("clip_checkpoint", None, "Local open_clip/OpenAI CLIP weights (.safetensors/.bin/.pt).")
+flags.DEFINE_string("clip_model", "ViT-B-32", "open_clip model name of --clip_checkpoint, or a .json config file.")
+flags.DEFINE_float("clip_scale", 50.0, "CLIP guidance scale (score form).")
+flags.DEFINE_integer("clip_cuts", 4, "Random cut-outs per image for the CLIP loss.")
 flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
 
 TRAJECTORY_TIMES = (800, 600, 400, 200, 0)
+
+
+def _clip_guidance():
+    """``eps_fn -> eps_fn`` steering toward ``--clip_prompt`` (CLIP score-form guidance)."""
+    import jax
+
+    from jaxdiff import guidance
+    from jaxdiff.checkpoint import read_config
+    from jaxdiff.clip import load_open_clip
+    from jaxdiff.train import build_schedule
+
+    if not FLAGS.clip_checkpoint:
+        raise ValueError("--clip_prompt needs --clip_checkpoint=PATH to local CLIP weights.")
+    clip_config = FLAGS.clip_model
+    if clip_config.endswith(".json"):
+        import json
+
+        with open(clip_config) as f:
+            clip_config = json.load(f)
+    clip_model, clip_params, tokenizer = load_open_clip(FLAGS.clip_checkpoint, clip_config)
+    loss_fn = guidance.clip_loss(
+        clip_model, clip_params, FLAGS.clip_prompt, key=jax.random.key(FLAGS.seed + 1),
+        n_cuts=FLAGS.clip_cuts, tokenizer=tokenizer,
+    )  # fmt: skip
+    schedule = build_schedule(read_config(FLAGS.workdir))
+    return lambda eps_fn: guidance.gradient_guidance(eps_fn, loss_fn, FLAGS.clip_scale, schedule)
 
 
 def main(argv):
@@ -49,6 +85,7 @@ def main(argv):
 
     labels = [int(v) for v in FLAGS.labels.split(",")] if FLAGS.labels else None
     try:
+        guidance_fn = _clip_guidance() if FLAGS.clip_prompt else None
         sample, params = load_sampler(
             FLAGS.workdir,
             num_images=FLAGS.num_images,
@@ -59,6 +96,7 @@ def main(argv):
             guidance_scale=FLAGS.guidance_scale,
             return_trajectory=FLAGS.trajectory,
             progress=True,
+            guidance_fn=guidance_fn,
         )
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

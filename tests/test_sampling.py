@@ -129,3 +129,34 @@ def test_sample_script_writes_png_npz_and_trajectory(trained_workdir, tmp_path):
     assert data["images"].shape == (4, 16, 16, 1) and data["images"].dtype == np.uint8
     bad = subprocess.run(cmd[:3] + ["--labels=1"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "unconditional" in bad.stderr
+
+
+def test_sample_script_clip_guidance(trained_workdir, tmp_path):
+    """--clip_prompt runs CLIP-guided sampling from local weights (a tiny random-weight CLIP)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from jaxdiff.clip import CLIP, to_open_clip_state_dict
+
+    config = {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    model = CLIP.from_config(config)
+    params = jax.jit(model.init)(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 16), jnp.int32)
+    )["params"]
+    save_file({k: np.asarray(v) for k, v in to_open_clip_state_dict(params).items()}, str(tmp_path / "clip.safetensors"))
+    (tmp_path / "clip.json").write_text(json.dumps(config))
+    out = tmp_path / "clip.png"
+    cmd = [sys.executable, str(REPO / "scripts" / "sample.py"), f"--workdir={trained_workdir}",
+           "--num_images=2", "--steps=3", f"--out={out}", "--clip_prompt=a bold seven",
+           f"--clip_checkpoint={tmp_path / 'clip.safetensors'}", f"--clip_model={tmp_path / 'clip.json'}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.exists()
+    missing = subprocess.run(cmd[:6] + ["--clip_prompt=x"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "--clip_checkpoint" in missing.stderr
