@@ -199,16 +199,7 @@ def load_params(workdir: str | os.PathLike, config: ml_collections.ConfigDict | 
     from jaxdiff import train as train_lib
 
     config = ckpt.read_config(workdir) if config is None else config
-    model = train_lib.build_model(config)
-    tx, _ = train_lib.make_optimizer(config)
-    abstract = jax.eval_shape(
-        lambda k: train_lib.init_state(config, model, tx, k), jax.random.key(0)
-    )
-    manager = ckpt.make_manager(workdir, async_save=False)
-    try:
-        step, state = ckpt.restore_latest(manager, abstract)
-    finally:
-        manager.close()
+    step, state = train_lib.restore_state(workdir, config)
     if state is None:
         raise FileNotFoundError(
             f"No readable checkpoint in {os.fspath(workdir)!r}/checkpoints. Train first: "

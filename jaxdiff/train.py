@@ -112,8 +112,7 @@ def build_model(config: ml_collections.ConfigDict):
     kwargs = dict(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model)
     for field in ("kind", "pretrained"):
         kwargs.pop(field, None)
-    dtype = kwargs.pop("dtype", "float32")
-    _dtype(config)
+    kwargs.pop("dtype", None)
     num_classes = kwargs.pop("num_classes", 0) or None
     kwargs["attention_impl"] = kwargs.get("attention_impl") or None
     if "hidden_dims" in kwargs:
@@ -123,7 +122,7 @@ def build_model(config: ml_collections.ConfigDict):
         in_channels=channels,
         out_channels=channels,
         num_classes=num_classes,
-        dtype=DTYPES[dtype],
+        dtype=_dtype(config),
         **kwargs,
     )
 
@@ -195,6 +194,22 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     if accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accum)
     return tx, lr
+
+
+def restore_state(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> tuple[int | None, TrainState | None]:
+    """The newest readable ``TrainState`` of a run's workdir (on the default device), or ``(None, None)``.
+
+    For reading a run after (or beside) training, e.g. to sample from it; training itself
+    restores with shardings and the data iterator in :func:`train_and_evaluate`.
+    """
+    model = build_model(config)
+    tx, _ = make_optimizer(config)
+    abstract = jax.eval_shape(lambda k: init_state(config, model, tx, k), jax.random.key(0))
+    manager = ckpt.make_manager(workdir, async_save=False)
+    try:
+        return ckpt.restore_latest(manager, abstract)
+    finally:
+        manager.close()
 
 
 def _dummy_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):

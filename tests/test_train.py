@@ -156,15 +156,7 @@ def test_gradient_accumulation_counts_updates():
     assert int(state.gradient_step) == 1
 
 
-def _restore(workdir, config):
-    model = train_lib.build_model(config)
-    tx, _ = train_lib.make_optimizer(config)
-    abstract = jax.eval_shape(lambda k: train_lib.init_state(config, model, tx, k), jax.random.key(0))
-    manager = ckpt.make_manager(workdir, async_save=False)
-    try:
-        return ckpt.restore_latest(manager, abstract)
-    finally:
-        manager.close()
+_restore = train_lib.restore_state
 
 
 def _cli(workdir, *overrides, env=None, variant="smoke"):
