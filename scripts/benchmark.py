@@ -12,7 +12,8 @@ What is measured, for the U-Net a config (or ``--model``) describes:
   random timesteps and noise drawn inside the step) jitted over a mesh of all local devices,
   in steady state (after compilation and warm-up; the best of ``--repeats`` windows of
   ``--train_iters`` steps), its compile time, and XLA's FLOPs per image
-  (``compiled.cost_analysis()["flops"]``, the per-device program times the devices);
+  (``cost_analysis()["flops"]`` of the lowered global program, counted with loop-free
+  attention: see :func:`_counting_config`);
 * sampling: images/s of a DDIM loop (``--sample_steps``, eta 0) from ``jaxdiff.make_sampler``
   on one device, its compile time, and FLOPs per image (XLA's count for one forward pass times
   the number of steps: cost analysis counts a ``while`` loop body once);
@@ -34,10 +35,10 @@ for PyTorch. ``--peer_model=book`` times instead the book's own PyTorch U-Net
 from the same weights), where images/s ratios compare like with like.
 
 Speed options: ``--dtype=bfloat16``, ``--nodonate``, ``--attention_impl``, ``--remat``,
-``--train_batch``/``--sample_batch``, ``--ynn`` (keep XLA:CPU's YNN convolution fusion, which
-PERF_NOTES.md measured 1.6-1.8x slower on a 2-core EPYC; off by default per compiled
-function). ``--sweep`` varies each option alone from the base configuration, then measures
-all the options that helped together, and reports the best configuration.
+``--train_batch``/``--sample_batch``, ``--cpu_fusion`` (which dots and convolutions XLA:CPU
+hands to the YNNPACK library: ``auto`` as the library, ``off``, ``dot`` or ``jax_default``; see
+:func:`jaxdiff.train.cpu_fusion_mode`). ``--sweep`` varies each option alone from the base
+configuration, then measures all the options that helped together, and reports the best configuration.
 
 Timings on a CPU shared with other processes are noisy; compare only ratios from one run.
 """
@@ -64,8 +65,6 @@ from jax.sharding import PartitionSpec as P
 from jaxdiff import train as train_lib
 from jaxdiff.config_defaults import base_config
 from jaxdiff.sampling import make_sampler
-
-NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 # Dense peak TFLOP/s per chip: (16-bit, 32-bit). GPU fp32 is the non-tensor-core figure; XLA
 # runs fp32 matmuls on GPUs in TF32 by default, so fp32 "MFU" can exceed what this suggests.
@@ -108,7 +107,7 @@ class Options:
     remat: bool = False
     train_batch: int = 32
     sample_batch: int = 16
-    ynn: bool = False  # keep XLA:CPU's YNN fusion (CPU only)
+    cpu_fusion: str = "auto"  # XLA:CPU library fusions (jaxdiff.train.CPU_FUSION_MODES or "auto")
     sample_steps: int = 50
     train_iters: int = 10
     sample_iters: int = 1
@@ -167,13 +166,28 @@ def with_options(config: ml_collections.ConfigDict, opts: Options) -> ml_collect
 
 
 def _compiler_options(opts: Options) -> dict[str, str] | None:
-    return NO_YNN if jax.default_backend() == "cpu" and not opts.ynn else None
+    return train_lib.cpu_compiler_options(opts.cpu_fusion)
 
 
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
+def _flops(program) -> float:
+    """XLA's FLOP count of a lowered or compiled program (a loop body counts once)."""
+    cost = program.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def _counting_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The same job with loop-free attention, for counting FLOPs.
+
+    XLA's cost analysis counts a loop body once, and the CPU attention kernel (and
+    ``attention_query_chunk``) run in loops over chunks; ``attention_impl="xla"`` computes the
+    same maths without loops, so FLOPs are counted on that program (lowered, not compiled).
+    """
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.model.attention_impl = "xla"
+    if "attention_query_chunk" in c.model:
+        c.model.attention_query_chunk = None
+    return c
 
 
 def _compiled_bytes(compiled) -> int | None:
@@ -262,7 +276,9 @@ def jax_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tup
         jax.block_until_ready(run())
     seconds, windows = _best_window(run, opts.train_iters, opts.repeats)
     loss = float(run())
-    flops_per_image = _flops(compiled) * mesh.size / opts.train_batch
+    counting = _counting_config(config)
+    count_step = train_lib.make_train_step(counting, train_lib.build_model(counting), tx, schedule, lr, mesh)
+    flops_per_image = _flops(count_step.lower(state, batch, key)) / opts.train_batch  # global program
     images_per_sec = opts.train_batch / seconds
     kind = jax.local_devices()[0].device_kind
     out = {
@@ -298,8 +314,9 @@ def jax_sampling_benchmark(config: ml_collections.ConfigDict, opts: Options, par
     s, ch = config.data.image_size, config.data.channels
     x = jnp.zeros((opts.sample_batch, s, s, ch), jnp.float32)
     t = jnp.zeros((opts.sample_batch,), jnp.int32)
-    forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
-    forward_flops = _flops(forward.lower(params, x, t).compile(compiler_options=_compiler_options(opts)))
+    counting_model = train_lib.build_model(_counting_config(config))
+    forward = jax.jit(lambda p, x, t: counting_model.apply({"params": p}, x, t))
+    forward_flops = _flops(forward.lower(params, x, t))
     flops_per_image = forward_flops * opts.sample_steps / opts.sample_batch
     images_per_sec = opts.sample_batch / seconds
     return {
@@ -753,7 +770,8 @@ def sweep_variants(base: Options) -> list[Options]:
     attention = ("xla", "cudnn") if gpu else ("xla",)
     variants += [dataclasses.replace(base, attention_impl=a) for a in attention if a != base.attention_impl]
     if not gpu:
-        variants.append(dataclasses.replace(base, ynn=not base.ynn))
+        resolved = train_lib.cpu_fusion_mode(base.cpu_fusion)
+        variants += [dataclasses.replace(base, cpu_fusion=m) for m in train_lib.CPU_FUSION_MODES if m != resolved]
     return variants
 
 
@@ -834,7 +852,8 @@ def format_table(result: Mapping[str, Any]) -> str:
         (f"model: {result['model']}, {result['image_size']}x{result['image_size']}x{result['channels']}; "
          f"train batch {o['train_batch']}, DDIM-{o['sample_steps']} batch {o['sample_batch']}; dtype {o['dtype']}, "
          f"donate {o['donate']}, attention {o['attention_impl'] or 'by backend'}, remat {o['remat']}, "
-         f"ynn {'on' if o['ynn'] else 'off'}"),
+         f"cpu fusion {o['cpu_fusion']}"
+         + (f" ({train_lib.cpu_fusion_mode(o['cpu_fusion'])})" if m["backend"] == "cpu" else "")),
     ]
     jt = result["jaxdiff"]["train"]
     peer = result.get("peer")
@@ -905,7 +924,7 @@ def _main(argv) -> None:  # pragma: no cover - exercised by hand; tests call the
         dtype=f.dtype, donate=f.donate, attention_impl=f.attention_impl, remat=f.remat,
         train_batch=f.train_batch or (config.train.batch_size if f.config is not None else 16 if gpu else 32),
         sample_batch=f.sample_batch or (config.sample.num_images if f.config is not None else 16),
-        ynn=f.ynn, sample_steps=f.sample_steps, train_iters=f.train_iters or (20 if gpu else 10),
+        cpu_fusion=f.cpu_fusion, sample_steps=f.sample_steps, train_iters=f.train_iters or (20 if gpu else 10),
         sample_iters=f.sample_iters, repeats=f.repeats, torch_threads=f.torch_threads, peer=f.peer_model,
     )
     result = benchmark(config, opts, model_name=name, peer=f.peer, do_sweep=f.sweep)
@@ -932,7 +951,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("train_iters", None, "Timed train steps per window (default 10 on CPU, 20 elsewhere).")
     flags.DEFINE_integer("sample_iters", 1, "Timed DDIM loops per window.")
     flags.DEFINE_integer("repeats", 3, "Timing windows; the best is reported.")
-    flags.DEFINE_bool("ynn", False, "Keep XLA:CPU's YNN convolution fusion (slower on the measured CPU).")
+    flags.DEFINE_enum("cpu_fusion", "auto", ["auto", "off", "dot", "jax_default"],
+                      "XLA:CPU library fusions (jaxdiff.train.cpu_fusion_mode).")
     flags.DEFINE_integer("torch_threads", 0, "Peer intra-op threads (0: the faster of torch's default and 1).")
     flags.DEFINE_enum("peer_model", "diffusers", list(PEERS), "diffusers: UNet2DModel as close as its blocks allow; "
                       "book: the exact same architecture written in PyTorch.")

@@ -55,7 +55,7 @@ def test_json_and_table(jax_result):
     decoded = json.loads(json.dumps(jax_result, default=str))
     assert {"machine", "model", "options", "jaxdiff", "image_size", "hidden_dims"} <= set(decoded)
     assert {"cpu", "backend", "device_kind", "num_local_devices", "jax"} <= set(decoded["machine"])
-    assert decoded["options"]["train_batch"] == 8 and decoded["options"]["ynn"] is False
+    assert decoded["options"]["train_batch"] == 8 and decoded["options"]["cpu_fusion"] == "auto"
     assert {"train", "sampling"} == set(decoded["jaxdiff"])
     table = bench.format_table(jax_result)
     assert "train images/s" in table and "DDIM images/s" in table and decoded["machine"]["cpu"] in table
@@ -94,7 +94,7 @@ def test_sweep_variants_change_one_option_each():
     changed = [v.changed(base) for v in variants]
     assert all(c for c in changed)
     assert all(len(c) == 1 or set(c) == {"train_batch", "sample_batch"} for c in changed)
-    assert {"dtype", "donate", "remat", "attention_impl", "ynn"} <= {k for c in changed for k in c}
+    assert {"dtype", "donate", "remat", "attention_impl", "cpu_fusion"} <= {k for c in changed for k in c}
 
 
 def test_peak_table():

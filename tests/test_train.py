@@ -282,3 +282,30 @@ def test_bad_config_is_rejected_with_the_field_name():
         train_lib.validate_config(_smoke(**{"loss": "l3"}))
     with pytest.raises(ValueError, match="model.dtype"):
         train_lib.build_model(_smoke(**{"model.dtype": "float8"}))
+
+
+def test_cpu_fusion_mode_choice_and_errors(monkeypatch):
+    monkeypatch.delenv(train_lib.CPU_FUSION_ENV, raising=False)
+    auto = train_lib.cpu_fusion_mode()
+    assert auto == ("dot" if train_lib._cpu_has_avx512() else "off")
+    monkeypatch.setenv(train_lib.CPU_FUSION_ENV, "off")
+    assert train_lib.cpu_fusion_mode() == "off"
+    assert train_lib.cpu_compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert train_lib.cpu_compiler_options("jax_default") is None  # an explicit mode wins
+    monkeypatch.setenv(train_lib.CPU_FUSION_ENV, "fast")
+    with pytest.raises(ValueError, match=r"'fast' is not one of .*JAXDIFF_CPU_FUSION"):
+        train_lib.cpu_fusion_mode()
+
+
+@pytest.mark.parametrize("mode", ["off", "dot"])
+def test_cpu_fusion_modes_compute_the_same_gradients(mode):
+    from jaxdiff.models import UNet
+
+    model = UNet(in_channels=1, hidden_dims=(8, 16), heads=2, head_dim=8)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    t = jnp.array([3, 500])
+    params = jax.jit(model.init)(jax.random.key(1), x, t)["params"]
+    loss = lambda p: jnp.mean(jnp.abs(model.apply({"params": p}, x, t) - x))  # noqa: E731
+    base = jax.jit(jax.grad(loss), compiler_options=train_lib.cpu_compiler_options("jax_default"))(params)
+    other = jax.jit(jax.grad(loss), compiler_options=train_lib.cpu_compiler_options(mode))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), other, base)

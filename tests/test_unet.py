@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import ast
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import reference_file
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxdiff.models import unet as unet_lib
 
 from jaxdiff.models import (
+    AttentionBlock,
     UNet,
+    group_norm_silu,
+    heads_major_attention,
     multihead_attention,
     sinusoidal_embedding,
     unet_config_from_torch,
@@ -209,18 +217,27 @@ def test_attention_implementations_agree():
     q, k, v = (jax.random.normal(key, (2, 64, 4, 32)) * 3 for key in (kq, kk, kv))
     outputs = [multihead_attention(q, k, v, scale=32**-0.5, impl=impl)
                for impl in ("cpu_fast", "xla")]
-    np.testing.assert_allclose(*map(np.asarray, outputs), rtol=0, atol=1e-5)
-    # ... and the maths is softmax attention.
+    # Logits reach ~40 here; the two round differently (cpu_fast scales q before the product).
+    np.testing.assert_allclose(*map(np.asarray, outputs), rtol=0, atol=5e-5)
+    # ... and the maths is softmax attention (both within 2e-5 of float64 measured).
     logits = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.asarray(k)) * 32**-0.5
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     expected = np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), np.asarray(v))
-    np.testing.assert_allclose(np.asarray(outputs[0]), expected, atol=1e-4)  # f32 logits ~40
+    for out in outputs:
+        np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4)  # f32 logits ~40
 
     def loss(impl, q):
         return jnp.sum(jnp.sin(multihead_attention(q, k, v, scale=32**-0.5, impl=impl)))
 
-    g_fast, g_xla = (jax.grad(loss, argnums=1)(impl, q) for impl in ("cpu_fast", "xla"))
-    np.testing.assert_allclose(np.asarray(g_fast), np.asarray(g_xla), atol=1e-5)
+    # The float64 gradient of sum(sin(out)) w.r.t. q: dP = dO V^T, dS = P (dP - rowsum(P dP)).
+    probs = weights / weights.sum(-1, keepdims=True)
+    d_out = np.cos(expected)
+    d_probs = np.einsum("bqhd,bkhd->bhqk", d_out, np.asarray(v, np.float64))
+    d_logits = probs * (d_probs - np.sum(probs * d_probs, -1, keepdims=True))
+    g_true = np.einsum("bhqk,bkhd->bqhd", d_logits, np.asarray(k, np.float64)) * 32**-0.5
+    for impl in ("cpu_fast", "xla"):  # gradients up to ~20; both measured within 2e-4
+        g = jax.grad(loss, argnums=1)(impl, q)
+        np.testing.assert_allclose(np.asarray(g), g_true, atol=5e-4, err_msg=impl)
 
 
 def test_query_chunked_attention_same_maths():
@@ -237,8 +254,9 @@ def test_query_chunked_attention_same_maths():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_chunked, g_full)
     # The chunked program never holds [T, T] logits: its largest float32 array is [.., 16, 64].
     jaxpr = str(jax.make_jaxpr(lambda q: loss(q, k, 16)[0])(q))
-    assert "f32[2,2,64,64]" in str(jax.make_jaxpr(lambda q: loss(q, k, None)[0])(q))
-    assert "f32[2,2,64,64]" not in jaxpr and "f32[2,2,16,64]" in jaxpr
+    full_jaxpr = str(jax.make_jaxpr(lambda q: loss(q, k, None)[0])(q))
+    assert re.search(r"f32\[[\d,]*64,64\]", full_jaxpr)
+    assert not re.search(r"f32\[[\d,]*64,64\]", jaxpr) and re.search(r"f32\[[\d,]*16,64\]", jaxpr)
 
     # In the model: same output, and a chunk that does not divide H*W is refused.
     x, t = tiny_inputs(size=8)  # 64 tokens at stage 0
@@ -326,3 +344,68 @@ def test_invalid_settings_raise(kwargs, shape, match):
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(UNet(**kwargs).init, jax.random.key(0), x, t)
+
+
+# ---- the CPU kernels: a hand-written attention VJP and a fused GroupNorm + SiLU ----
+
+
+def _sin_loss_grads(fn, *args):
+    return jax.grad(lambda *a: jnp.sum(jnp.sin(3 * fn(*a))), argnums=tuple(range(len(args))))(*args)
+
+
+@pytest.mark.parametrize("budget", [None, 64 * 64 * 4 * 2])  # one block, then blocks of 2 pairs
+def test_cpu_attention_gradient_matches_autodiff_of_softmax_attention(monkeypatch, budget):
+    if budget is not None:  # force the chunked loops in both passes
+        monkeypatch.setattr(unet_lib, "_BWD_CHUNK_BYTES", budget)
+        monkeypatch.setattr(unet_lib, "_FWD_CHUNK_BYTES", budget)
+    kq, kk, kv = jax.random.split(jax.random.key(11), 3)
+    q, k, v = (jax.random.normal(key, (3, 2, 64, 8)) * 2 for key in (kq, kk, kv))  # 6 pairs
+
+    def reference(q, k, v):  # plain softmax attention, differentiated by JAX
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.4
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits, axis=-1), v)
+
+    fast = lambda q, k, v: heads_major_attention(q, k, v, 0.4)  # noqa: E731
+    np.testing.assert_allclose(fast(q, k, v), reference(q, k, v), atol=2e-5)
+    for got, want in zip(_sin_loss_grads(fast, q, k, v), _sin_loss_grads(reference, q, k, v)):
+        np.testing.assert_allclose(got, want, atol=5e-5 * float(jnp.abs(want).max()))
+    # Only O(T) residuals per row are saved: no [T, T] array is kept for the backward pass.
+    residuals = jax.vjp(fast, q, k, v)[1]
+    assert all(leaf.shape[-2:] != (64, 64) for leaf in jax.tree.leaves(residuals))
+
+
+def test_attention_block_cpu_kernel_equals_generic_path():
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 16))
+    blocks = {impl: AttentionBlock(heads=2, head_dim=8, attention_impl=impl) for impl in ("cpu_fast", "xla")}
+    params = blocks["xla"].init(jax.random.key(0), x)["params"]
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(5), a.shape), params)
+    outs = {i: b.apply({"params": params}, x) for i, b in blocks.items()}
+    np.testing.assert_allclose(outs["cpu_fast"], outs["xla"], atol=1e-5)
+    grads = {i: jax.grad(lambda p, x, b=b: jnp.sum(jnp.sin(b.apply({"params": p}, x))), argnums=(0, 1))(params, x)
+             for i, b in blocks.items()}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), grads["cpu_fast"], grads["xla"])
+
+
+@settings(deadline=None, max_examples=8)
+@given(shape=st.sampled_from([(2, 4, 4, 16), (1, 8, 2, 8), (3, 2, 2, 32)]),
+       groups=st.sampled_from([1, 2, 8]), seed=st.integers(0, 2**16), offset=st.floats(-3, 3))
+def test_group_norm_silu_matches_flax_forward_and_gradient(shape, groups, seed, offset):
+    import flax.linen as nn
+
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(shape) * 2 + offset, jnp.float32)
+    scale, bias = (jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32) for _ in range(2))
+    norm = nn.GroupNorm(num_groups=groups, epsilon=1e-5)
+
+    def reference(x, scale, bias):
+        return jax.nn.silu(norm.apply({"params": {"scale": scale, "bias": bias}}, x))
+
+    ours = lambda x, s, b: group_norm_silu(x, s, b, groups)  # noqa: E731
+    np.testing.assert_allclose(ours(x, scale, bias), reference(x, scale, bias), atol=2e-5)
+    for got, want in zip(_sin_loss_grads(ours, x, scale, bias), _sin_loss_grads(reference, x, scale, bias)):
+        np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(jnp.abs(want).max())))
+
+
+def test_group_norm_silu_rejects_indivisible_channels():
+    with pytest.raises(ValueError, match="12 channels are not divisible by 8 groups"):
+        group_norm_silu(jnp.zeros((1, 2, 2, 12)), jnp.ones(12), jnp.zeros(12), 8)

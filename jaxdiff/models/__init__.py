@@ -14,6 +14,8 @@ from jaxdiff.models.unet import (
     AttentionBlock,
     ResidualBlock,
     UNet,
+    group_norm_silu,
+    heads_major_attention,
     multihead_attention,
     sinusoidal_embedding,
 )
@@ -23,6 +25,8 @@ __all__ = [
     "DiffusersUNet2D",
     "ResidualBlock",
     "UNet",
+    "group_norm_silu",
+    "heads_major_attention",
     "multihead_attention",
     "sinusoidal_embedding",
     "unet_config_from_torch",
