@@ -292,6 +292,18 @@ def diffusion_loss(
     return jnp.mean(jnp.abs(diff)) if loss_type == "l1" else jnp.mean(jnp.square(diff))
 
 
+def global_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all leaves of ``tree`` together, in float32.
+
+    Computed over one concatenated vector: one reduction instead of one per leaf (a U-Net has
+    ~200 leaves; on CPU the per-leaf reductions cost 1-2% of a small model's train step).
+    """
+    leaves = [jnp.ravel(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sqrt(jnp.sum(jnp.square(jnp.concatenate(leaves))))
+
+
 def train_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
@@ -328,18 +340,22 @@ def train_step(
         label_dropout=label_dropout,
     )
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, step_key)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep_new = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    params = keep_new(params, state.params)
-    opt_state = keep_new(opt_state, state.opt_state)
-    ema = state.ema_params
-    if ema is not None:
-        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
-        ema = keep_new(ema, state.ema_params)
+    def update(_):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        return params, opt_state, ema
+
+    # A conditional rather than a per-leaf select: the skipped branch is the rare one, and a
+    # select over every leaf of params and optimizer state cost ~10% of a CPU step.
+    params, opt_state, ema = jax.lax.cond(
+        finite, update, lambda _: (state.params, state.opt_state, state.ema_params), None
+    )
     nonfinite_step = jnp.where(
         (state.nonfinite_step < 0) & ~finite, state.step + 1, state.nonfinite_step
     )
@@ -369,11 +385,14 @@ def _update_count(state: TrainState, tx: optax.GradientTransformation) -> jax.Ar
 
 
 # XLA:CPU can hand dots and convolutions to the YNNPACK library ("YNN fusions"). Which setting is
-# fastest depends on the CPU; measured on the U-Nets of this package (fp32, batch 32, 16x16):
-#   2-core AMD EPYC without AVX-512 (PERF_NOTES.md): jaxlib's default YNN fusions 1.6-1.8x slower
-#     than none ("off");
-#   2-core AMD EPYC Zen 5 (AVX-512): forward pass 48 ms "off", 35 ms jaxlib default, 25 ms "dot";
-#     forward+backward within 5% of each other.
+# fastest depends on the CPU; measured with the small book U-Net (fp32, batch 32, 16x16), jaxlib
+# 0.10.2, on two 2-core AMD EPYC virtual machines:
+#   the project's first CPU study (CPU features not recorded): jaxlib's default YNN fusions
+#     1.6-1.8x slower than none ("off");
+#   Zen 5 with AVX-512: forward pass 48 ms "off", 35 ms jaxlib default, 25 ms "dot"; forward +
+#     backward within 5% of each other.
+# "auto" follows these two data points: "dot" with AVX-512, "off" without. A guess between them
+# for other CPUs; JAXDIFF_CPU_FUSION (or the benchmark's --cpu_fusion sweep) settles it.
 CPU_FUSION_MODES = {
     "off": "",  # XLA's own kernels (Eigen convolutions and dots)
     "dot": "LIBRARY_FUSION_TYPE_DOT",  # YNNPACK dots/convolutions with their fused operands
@@ -398,8 +417,8 @@ def cpu_fusion_mode(mode: str | None = None) -> str:
 
     ``mode`` (or, when ``None``, the environment variable ``JAXDIFF_CPU_FUSION``, default
     ``"auto"``) names it; ``"auto"`` picks ``"dot"`` on CPUs with AVX-512 and ``"off"`` on
-    others, the faster setting on each kind of machine measured (see the table above this
-    function in the source).
+    others, after the two machines measured (see the comment above :data:`CPU_FUSION_MODES`).
+    The choice changes speed only: the modes compute the same function (tested).
 
     Example:
       >>> cpu_fusion_mode("off")

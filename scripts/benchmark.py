@@ -127,7 +127,7 @@ class Options:
 
 MODELS = {
     # name: (hidden_dims, image_size, channels, norm_groups, heads, head_dim)
-    "small": ((16, 32, 64, 128), 16, 3, 8, 4, 32),  # PERF_NOTES.md's CPU comparison
+    "small": ((16, 32, 64, 128), 16, 3, 8, 4, 32),  # the project's CPU comparison
     "book": ((128, 256, 512, 1024), 64, 3, 8, 4, 32),  # UNet(): the book's flowers model
     "tiny": ((8, 16, 16), 8, 1, 4, 2, 8),  # tests
 }
@@ -374,7 +374,7 @@ def book_unet_torch(model: Any) -> Any:
     The same architecture and module names as the book's code, so
     :func:`jaxdiff.models.unet_params_to_torch` weights load into it with ``strict=True`` and it
     computes the same function as our ``UNet`` (checked in tests/test_benchmark.py): the
-    exact-architecture peer (``--peer=book``; PERF_NOTES.md's comparison). Unconditional only.
+    exact-architecture peer (``--peer=book``; the project's CPU comparison). Unconditional only.
     Call as ``net(x [B, C, H, W], t [B]) -> eps``.
     """
     import einops

@@ -6,8 +6,9 @@ Run:
   .venv/bin/python scripts/profile_unet.py --hidden-dims 16,32,64,128 --size 16 --batch 32
 
 Memory is XLA's static estimate for the compiled program (``memory_analysis()``): temporaries +
-arguments + outputs. On CPU, convolution fusion through XLA's "YNN" path is turned off per
-compiled function (PERF_NOTES.md: 1.6-1.8x slower on this CPU); ``--ynn`` keeps it.
+arguments + outputs. On CPU the program is compiled with jaxdiff's XLA:CPU library-fusion choice
+(:func:`jaxdiff.train.cpu_fusion_mode`); ``--cpu-fusion`` overrides it. FLOPs are XLA's count,
+in which a loop body counts once (the CPU attention kernel loops over chunks of heads).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models import UNet
+from jaxdiff.train import cpu_compiler_options
 
-NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def random_params(model: UNet, x: jax.Array, seed: int = 0) -> dict:
@@ -37,7 +38,7 @@ def random_params(model: UNet, x: jax.Array, seed: int = 0) -> dict:
     return jax.tree.map(draw, shapes)
 
 
-def profile(model: UNet, batch: int, size: int, repeats: int, ynn: bool, run: bool) -> None:
+def profile(model: UNet, batch: int, size: int, repeats: int, cpu_fusion: str, run: bool) -> None:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, size, size, model.in_channels), np.float32))
     eps = jnp.asarray(rng.standard_normal(x.shape, np.float32))
@@ -47,8 +48,7 @@ def profile(model: UNet, batch: int, size: int, repeats: int, ynn: bool, run: bo
     def loss(params, x, t, eps):
         return jnp.mean(jnp.abs(model.apply({"params": params}, x, t) - eps))  # the book's L1
 
-    options = None if ynn or jax.default_backend() != "cpu" else NO_YNN
-    step = jax.jit(jax.value_and_grad(loss), compiler_options=options)
+    step = jax.jit(jax.value_and_grad(loss), compiler_options=cpu_compiler_options(cpu_fusion))
     start = time.perf_counter()
     compiled = step.lower(params, x, t, eps).compile()
     compile_s = time.perf_counter() - start
@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--ynn", action="store_true", help="keep XLA CPU's YNN fusion")
+    parser.add_argument("--cpu-fusion", default="auto", choices=["auto", "off", "dot", "jax_default"],
+                        help="XLA:CPU library fusions (jaxdiff.train.cpu_fusion_mode)")
     parser.add_argument("--no-run", action="store_true", help="memory only, no timing")
     parser.add_argument("--attention-chunk", type=int, default=None,
                         help="UNet(attention_query_chunk=...): query chunk size of the attention")
@@ -97,7 +98,7 @@ def main() -> None:
         run = not args.no_run and not (remat and args.no_remat_run)
         model = UNet(hidden_dims=dims, remat=remat, attention_query_chunk=args.attention_chunk)
         profile(model, args.batch, args.size, args.repeats,
-                args.ynn, run)
+                args.cpu_fusion, run)
 
 
 if __name__ == "__main__":
