@@ -203,17 +203,18 @@ def _peak_bytes_in_use() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def _best_window(run: Callable[[], Any], iters: int, repeats: int) -> tuple[float, list[float]]:
-    """Seconds per call: the best of ``repeats`` windows of ``iters`` calls (and all windows)."""
-    windows = []
+def _best_window(run: Callable[[], Any], iters: int, repeats: int,
+                 sync: Callable[[Any], Any] = jax.block_until_ready) -> tuple[float, list[float], Any]:
+    """Seconds per call: the best of ``repeats`` windows of ``iters`` calls, all windows, and the
+    last call's result. ``sync(result)`` waits for the device at the end of each window."""
+    windows, run_result = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        run_result = None
         for _ in range(iters):
             run_result = run()
-        jax.block_until_ready(run_result)
+        sync(run_result)
         windows.append((time.perf_counter() - start) / iters)
-    return min(windows), windows
+    return min(windows), windows, run_result
 
 
 def _rates(flops_per_image: float, images_per_sec: float, device_kind: str, dtype: str,
@@ -228,11 +229,29 @@ def _rates(flops_per_image: float, images_per_sec: float, device_kind: str, dtyp
 # ---------------------------------------------------------------------------------------------
 
 
-def jax_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tuple[dict[str, Any], Any]:
-    """Steady-state training throughput of ``make_train_step`` on all local devices.
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """A train step as training runs it, with a fixed random batch: what the benchmark times and
+    ``scripts/profile_step.py`` traces."""
 
-    Returns ``(metrics, params)``; params (on one device) feed the sampling benchmark.
-    """
+    config: ml_collections.ConfigDict  # with the options applied
+    mesh: jax.sharding.Mesh
+    tx: Any
+    lr: Any
+    schedule: Any
+    state: Any  # replicated over the mesh
+    batch: dict[str, jax.Array]  # sharded along "data"
+    key: jax.Array
+    step_fn: Any  # jitted, not yet lowered
+
+    def compile(self, opts: Options):
+        return self.step_fn.lower(self.state, self.batch, self.key).compile(
+            compiler_options=_compiler_options(opts))
+
+
+def train_setup(config: ml_collections.ConfigDict, opts: Options) -> TrainSetup:
+    """Builds ``make_train_step`` (or, with ``opts.donate`` off, the same step without
+    donation) for ``config`` with ``opts`` over all local devices, its state and a batch."""
     config = with_options(config, opts)
     mesh = train_lib.make_mesh(jax.local_devices())
     if opts.train_batch % mesh.size:
@@ -243,7 +262,6 @@ def jax_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tup
     replicated = NamedSharding(mesh, P())
     state = jax.jit(functools.partial(train_lib.init_state, config, model, tx),
                     out_shardings=replicated)(jax.random.key(0))
-    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     if opts.donate:
         step_fn = train_lib.make_train_step(config, model, tx, schedule, lr, mesh)
     else:  # make_train_step always donates; the same binding without donation.
@@ -260,10 +278,20 @@ def jax_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tup
     batch = train_lib.shard_batch(
         {"image": rng.uniform(-1, 1, (opts.train_batch, s, s, ch)).astype(np.float32),
          "label": np.zeros((opts.train_batch,), np.int32)}, mesh)
-    key = jax.random.key(1)
+    return TrainSetup(config, mesh, tx, lr, schedule, state, batch, jax.random.key(1), step_fn)
+
+
+def jax_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tuple[dict[str, Any], Any]:
+    """Steady-state training throughput of ``make_train_step`` on all local devices.
+
+    Returns ``(metrics, params)``; params (on one device) feed the sampling benchmark.
+    """
+    setup = train_setup(config, opts)
+    config, mesh, state, batch, key = setup.config, setup.mesh, setup.state, setup.batch, setup.key
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
 
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch, key).compile(compiler_options=_compiler_options(opts))
+    compiled = setup.compile(opts)
     compile_s = time.perf_counter() - start
 
     holder = {"state": state}
@@ -274,10 +302,11 @@ def jax_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tup
 
     for _ in range(2):  # warm-up
         jax.block_until_ready(run())
-    seconds, windows = _best_window(run, opts.train_iters, opts.repeats)
+    seconds, windows, _ = _best_window(run, opts.train_iters, opts.repeats)
     loss = float(run())
     counting = _counting_config(config)
-    count_step = train_lib.make_train_step(counting, train_lib.build_model(counting), tx, schedule, lr, mesh)
+    count_step = train_lib.make_train_step(counting, train_lib.build_model(counting), setup.tx,
+                                           setup.schedule, setup.lr, mesh)
     flops_per_image = _flops(count_step.lower(state, batch, key)) / opts.train_batch  # global program
     images_per_sec = opts.train_batch / seconds
     kind = jax.local_devices()[0].device_kind
@@ -309,7 +338,7 @@ def jax_sampling_benchmark(config: ml_collections.ConfigDict, opts: Options, par
     compile_s = time.perf_counter() - start
     run = lambda: compiled(params, key)
     images = jax.block_until_ready(run())  # warm-up
-    seconds, windows = _best_window(run, opts.sample_iters, opts.repeats)
+    seconds, windows, _ = _best_window(run, opts.sample_iters, opts.repeats)
 
     s, ch = config.data.image_size, config.data.channels
     x = jnp.zeros((opts.sample_batch, s, s, ch), jnp.float32)
@@ -617,14 +646,8 @@ def peer_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tu
     _torch_sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    windows = []
-    for _ in range(opts.repeats):
-        start = time.perf_counter()
-        for _ in range(opts.train_iters):
-            loss = step()
-        _torch_sync(device)
-        windows.append((time.perf_counter() - start) / opts.train_iters)
-    seconds = min(windows)
+    seconds, windows, loss = _best_window(step, opts.train_iters, opts.repeats,
+                                          sync=lambda _: _torch_sync(device))
     images_per_sec = b / seconds
     kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {
@@ -669,14 +692,8 @@ def peer_sampling_benchmark(config: ml_collections.ConfigDict, opts: Options, mo
                                                    torch.zeros(b, dtype=torch.long, device=device)))
     images = sample()  # warm-up
     _torch_sync(device)
-    windows = []
-    for _ in range(opts.repeats):
-        start = time.perf_counter()
-        for _ in range(opts.sample_iters):
-            sample()
-        _torch_sync(device)
-        windows.append((time.perf_counter() - start) / opts.sample_iters)
-    seconds = min(windows)
+    seconds, windows, _ = _best_window(sample, opts.sample_iters, opts.repeats,
+                                       sync=lambda _: _torch_sync(device))
     flops_per_image = forward_flops * opts.sample_steps / b
     images_per_sec = b / seconds
     kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import gzip
 import json
 import pathlib
@@ -41,8 +40,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import benchmark as bench  # noqa: E402  (the benchmark's named models and options)
@@ -136,29 +133,21 @@ def trace_events(run: Callable[[], Any], steps: int, trace_dir: str) -> list[dic
 
 def build(config, opts: bench.Options, part: str) -> tuple[Callable[[], Any], Any]:
     """``(run, compiled)`` for the train step (``part="train"``) or the forward pass."""
-    config = bench.with_options(config, opts)
-    mesh = train_lib.make_mesh(jax.local_devices())
-    model = train_lib.build_model(config)
-    size, channels = config.data.image_size, config.data.channels
-    rng = np.random.default_rng(0)
     if part == "forward":
+        config = bench.with_options(config, opts)
+        model = train_lib.build_model(config)
+        size, channels = config.data.image_size, config.data.channels
+        rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal((opts.train_batch, size, size, channels)), jnp.float32)
         t = jnp.asarray(rng.integers(0, 1000, opts.train_batch), jnp.int32)
         params = jax.jit(model.init)(jax.random.key(0), x, t)["params"]
         forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
         compiled = forward.lower(params, x, t).compile(compiler_options=bench._compiler_options(opts))
         return (lambda: compiled(params, x, t)), compiled
-    schedule = train_lib.build_schedule(config)
-    tx, lr = train_lib.make_optimizer(config)
-    state = jax.jit(functools.partial(train_lib.init_state, config, model, tx),
-                    out_shardings=NamedSharding(mesh, P()))(jax.random.key(0))
-    batch = train_lib.shard_batch(
-        {"image": rng.uniform(-1, 1, (opts.train_batch, size, size, channels)).astype(np.float32),
-         "label": np.zeros((opts.train_batch,), np.int32)}, mesh)
-    key = jax.random.key(1)
-    step = train_lib.make_train_step(config, model, tx, schedule, lr, mesh)
-    compiled = step.lower(state, batch, key).compile(compiler_options=bench._compiler_options(opts))
-    holder = {"state": state}
+    setup = bench.train_setup(config, opts)
+    compiled = setup.compile(opts)
+    batch, key = setup.batch, setup.key
+    holder = {"state": setup.state}
 
     def run():
         holder["state"], metrics = compiled(holder["state"], batch, key)
