@@ -401,6 +401,7 @@ CPU_FUSION_MODES = {
 CPU_FUSION_ENV = "JAXDIFF_CPU_FUSION"
 
 
+@functools.cache
 def _cpu_has_avx512() -> bool:
     try:
         with open("/proc/cpuinfo") as f:

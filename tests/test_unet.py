@@ -356,8 +356,7 @@ def _sin_loss_grads(fn, *args):
 @pytest.mark.parametrize("budget", [None, 64 * 64 * 4 * 2])  # one block, then blocks of 2 pairs
 def test_cpu_attention_gradient_matches_autodiff_of_softmax_attention(monkeypatch, budget):
     if budget is not None:  # force the chunked loops in both passes
-        monkeypatch.setattr(unet_lib, "_BWD_CHUNK_BYTES", budget)
-        monkeypatch.setattr(unet_lib, "_FWD_CHUNK_BYTES", budget)
+        monkeypatch.setattr(unet_lib, "_CHUNK_BYTES", budget)
     kq, kk, kv = jax.random.split(jax.random.key(11), 3)
     q, k, v = (jax.random.normal(key, (3, 2, 64, 8)) * 2 for key in (kq, kk, kv))  # 6 pairs
 
