@@ -111,6 +111,7 @@ class Options:
     sample_steps: int = 50
     train_iters: int = 10
     sample_iters: int = 1
+    window_seconds: float = 0.0  # > 0: train steps per window chosen to last about this long
     repeats: int = 3
     torch_threads: int = 0  # peer's intra-op threads; 0: the faster of torch's default and 1
     peer: str = "diffusers"  # "diffusers": UNet2DModel; "book": the same architecture in PyTorch
@@ -217,6 +218,21 @@ def _best_window(run: Callable[[], Any], iters: int, repeats: int,
     return min(windows), windows, run_result
 
 
+def _iters_for(opts: Options, run: Callable[[], Any],
+               sync: Callable[[Any], Any] = jax.block_until_ready) -> int:
+    """Train steps per timing window: ``opts.train_iters``, or with ``opts.window_seconds`` set,
+    as many as fill about that many seconds (at least 2), from one timed call of ``run``.
+
+    Large batches on an accelerator take up to a second a step; fixed windows of 20 steps would
+    spend minutes of a short device lease on one figure.
+    """
+    if opts.window_seconds <= 0:
+        return opts.train_iters
+    start = time.perf_counter()
+    sync(run())
+    return max(2, round(opts.window_seconds / (time.perf_counter() - start)))
+
+
 def _rates(flops_per_image: float, images_per_sec: float, device_kind: str, dtype: str,
            num_devices: int = 1) -> dict[str, float | None]:
     tflops = flops_per_image * images_per_sec / 1e12
@@ -302,7 +318,8 @@ def jax_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tup
 
     for _ in range(2):  # warm-up
         jax.block_until_ready(run())
-    seconds, windows, _ = _best_window(run, opts.train_iters, opts.repeats)
+    iters = _iters_for(opts, run)
+    seconds, windows, _ = _best_window(run, iters, opts.repeats)
     loss = float(run())
     counting = _counting_config(config)
     count_step = train_lib.make_train_step(counting, train_lib.build_model(counting), setup.tx,
@@ -314,6 +331,7 @@ def jax_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tup
         "images_per_sec": images_per_sec,
         "step_seconds": seconds,
         "step_seconds_windows": windows,
+        "steps_per_window": iters,
         "compile_seconds": compile_s,
         "flops_per_image": flops_per_image,
         **_rates(flops_per_image, images_per_sec, kind, opts.dtype, mesh.size),
@@ -646,7 +664,8 @@ def peer_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tu
     _torch_sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds, windows, loss = _best_window(step, opts.train_iters, opts.repeats,
+    iters = _iters_for(opts, step, sync=lambda _: _torch_sync(device))
+    seconds, windows, loss = _best_window(step, iters, opts.repeats,
                                           sync=lambda _: _torch_sync(device))
     images_per_sec = b / seconds
     kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -654,6 +673,7 @@ def peer_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tu
         "images_per_sec": images_per_sec,
         "step_seconds": seconds,
         "step_seconds_windows": windows,
+        "steps_per_window": iters,
         "flops_per_image": flops_per_image,
         **_rates(flops_per_image, images_per_sec, kind, opts.dtype),
         "peak_bytes_in_use": int(torch.cuda.max_memory_allocated()) if device == "cuda" else None,
@@ -943,6 +963,7 @@ def _main(argv) -> None:  # pragma: no cover - exercised by hand; tests call the
         sample_batch=f.sample_batch or (config.sample.num_images if f.config is not None else 16),
         cpu_fusion=f.cpu_fusion, sample_steps=f.sample_steps, train_iters=f.train_iters or (20 if gpu else 10),
         sample_iters=f.sample_iters, repeats=f.repeats, torch_threads=f.torch_threads, peer=f.peer_model,
+        window_seconds=f.window_seconds,
     )
     result = benchmark(config, opts, model_name=name, peer=f.peer, do_sweep=f.sweep)
     print(format_table(result))
@@ -967,6 +988,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("sample_steps", 50, "DDIM steps.")
     flags.DEFINE_integer("train_iters", None, "Timed train steps per window (default 10 on CPU, 20 elsewhere).")
     flags.DEFINE_integer("sample_iters", 1, "Timed DDIM loops per window.")
+    flags.DEFINE_float("window_seconds", 0.0, "If > 0, train steps per window fill about this many "
+                       "seconds (overrides --train_iters).")
     flags.DEFINE_integer("repeats", 3, "Timing windows; the best is reported.")
     flags.DEFINE_enum("cpu_fusion", "auto", ["auto", "off", "dot", "jax_default"],
                       "XLA:CPU library fusions (jaxdiff.train.cpu_fusion_mode).")
