@@ -45,6 +45,7 @@ Timings on a CPU shared with other processes are noisy; compare only ratios from
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -793,6 +794,96 @@ def add_peer(result: dict[str, Any], config: ml_collections.ConfigDict, opts: Op
     return result
 
 
+@contextlib.contextmanager
+def _without_attention_kernels():
+    """Inside: both sides' attention kernels return ``v`` unchanged (projections, norms and the
+    residual stay). Models must be built and traced inside. Only for :func:`attention_share`."""
+    from jaxdiff.models import unet as unet_lib
+
+    saved = unet_lib.heads_major_attention, unet_lib.multihead_attention
+    unet_lib.heads_major_attention = lambda q, k, v, scale=1.0: v * 1.0
+    unet_lib.multihead_attention = lambda q, k, v, **kwargs: v * 1.0
+    torch_f = None
+    try:
+        import torch.nn.functional as torch_f
+
+        saved_torch = torch_f.scaled_dot_product_attention
+        torch_f.scaled_dot_product_attention = lambda q, k, v, **kwargs: v * 1.0
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        unet_lib.heads_major_attention, unet_lib.multihead_attention = saved
+        if torch_f is not None:
+            torch_f.scaled_dot_product_attention = saved_torch
+
+
+def attention_share(config: ml_collections.ConfigDict, opts: Options, *, rounds: int = 5,
+                    peer: bool = True) -> dict[str, dict[str, float]]:
+    """Train-step milliseconds with and without the attention kernels, for jaxdiff and (with
+    ``peer``) the book's PyTorch U-Net, interleaved in one process: ``{side: {"step",
+    "without_attention", "attention"}}``, each the minimum over ``rounds`` windows of
+    ``opts.train_iters`` steps. Says how much of a step is attention and how much is the rest,
+    on each side (README, Performance)."""
+
+    def jax_step():
+        setup = train_setup(config, opts)
+        compiled, holder = setup.compile(opts), {"state": setup.state}
+
+        def run():
+            holder["state"], metrics = compiled(holder["state"], setup.batch, setup.key)
+            return metrics["loss"]
+
+        return run, jax.block_until_ready
+
+    def torch_step():
+        import torch
+        import torch.nn.functional as torch_f
+
+        torch.manual_seed(0)
+        model = build_peer(with_options(config, opts), "book").train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        s, ch, b = config.data.image_size, config.data.channels, opts.train_batch
+        x, noise = torch.rand(b, ch, s, s) * 2 - 1, torch.randn(b, ch, s, s)
+        t = torch.randint(0, 1000, (b,))
+
+        def run():
+            loss = torch_f.l1_loss(model(x, t), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        return run, lambda _: None
+
+    builders = {"jaxdiff": jax_step, **({"book_pytorch": torch_step} if peer else {})}
+    runs = {}
+    for side, build in builders.items():
+        runs[(side, "step")] = build()
+        with _without_attention_kernels():
+            runs[(side, "without_attention")] = build()
+
+    def window(key, iters):
+        # PyTorch looks its kernel up at each call: the ablated model runs inside the patch too.
+        patched = key == ("book_pytorch", "without_attention")
+        with _without_attention_kernels() if patched else contextlib.nullcontext():
+            run, sync = runs[key]
+            return _best_window(run, iters, 1, sync=sync)[0]
+
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    for key in runs:
+        window(key, 2)  # warm-up
+    for _ in range(rounds):
+        for key in runs:
+            times[key].append(window(key, opts.train_iters))
+    out: dict[str, dict[str, float]] = {}
+    for side in builders:
+        step, rest = min(times[(side, "step")]) * 1e3, min(times[(side, "without_attention")]) * 1e3
+        out[side] = {"step": step, "without_attention": rest, "attention": step - rest}
+    return out
+
+
 def sweep_variants(base: Options) -> list[Options]:
     """Each speed option changed alone from ``base``."""
     gpu = jax.default_backend() != "cpu"
@@ -965,6 +1056,12 @@ def _main(argv) -> None:  # pragma: no cover - exercised by hand; tests call the
         sample_iters=f.sample_iters, repeats=f.repeats, torch_threads=f.torch_threads, peer=f.peer_model,
         window_seconds=f.window_seconds,
     )
+    if f.attention_share:
+        share = attention_share(config, opts, peer=f.peer)
+        print("train step ms (min of 5 windows): whole step / without the attention kernel / attention")
+        for side, ms in share.items():
+            print(f"{side:14s} {ms['step']:8.1f} {ms['without_attention']:8.1f} {ms['attention']:8.1f}")
+        return
     result = benchmark(config, opts, model_name=name, peer=f.peer, do_sweep=f.sweep)
     print(format_table(result))
     if f.json:
@@ -998,5 +1095,7 @@ if __name__ == "__main__":
                       "book: the exact same architecture written in PyTorch.")
     flags.DEFINE_bool("peer", True, "Also time the PyTorch/diffusers peer.")
     flags.DEFINE_bool("sweep", False, "Try each speed option and report the best configuration.")
+    flags.DEFINE_bool("attention_share", False, "Only time train steps with and without the attention "
+                      "kernels, jaxdiff and the book's PyTorch U-Net (README, Performance).")
     flags.DEFINE_string("json", None, "Write the full result as JSON here.")
     app.run(_main)

@@ -130,3 +130,39 @@ def test_book_peer_computes_the_same_function_as_our_unet():
     with torch.no_grad():
         theirs = net(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t)).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_ablation_removes_the_kernels_and_restores_them():
+    import numpy as np
+
+    from jaxdiff.train import build_model
+
+    config = bench.model_config("tiny")
+    x = jax.numpy.ones((2, 8, 8, 1)) * 0.3
+    t = jax.numpy.array([10, 900])
+    params = jax.jit(build_model(config).init)(jax.random.key(0), x, t)
+    forward = lambda: np.asarray(jax.jit(build_model(config).apply)(params, x, t))  # noqa: E731 (traced anew)
+    before = forward()
+    with bench._without_attention_kernels():
+        ablated = forward()
+        if importlib.util.find_spec("torch") is not None:
+            import torch
+
+            v = torch.randn(1, 2, 4, 3)
+            assert torch.equal(torch.nn.functional.scaled_dot_product_attention(v, v, v), v)
+    assert not np.allclose(before, ablated, atol=1e-4)
+    np.testing.assert_array_equal(forward(), before)
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        q = torch.randn(1, 2, 4, 3)
+        assert not torch.allclose(torch.nn.functional.scaled_dot_product_attention(q, q, q), q)
+
+
+def test_attention_share_numbers():
+    opts = dataclasses.replace(OPTS, train_iters=1)
+    share = bench.attention_share(tiny_config(), opts, rounds=1,
+                                  peer=importlib.util.find_spec("torch") is not None)
+    for side, ms in share.items():
+        assert positive(ms["step"]) and positive(ms["without_attention"]), (side, ms)
+        assert ms["attention"] == pytest.approx(ms["step"] - ms["without_attention"])
