@@ -265,6 +265,22 @@ class TrainSetup:
         return self.step_fn.lower(self.state, self.batch, self.key).compile(
             compiler_options=_compiler_options(opts))
 
+    def stepper(self, compiled) -> Stepper:
+        """Repeated steps of ``compiled`` (from :meth:`compile`) on the fixed batch and key."""
+        return Stepper(compiled, self.state, self.batch, self.key)
+
+
+class Stepper:
+    """``stepper()`` runs one train step from the latest state and returns its loss; the state
+    it leaves is ``stepper.state`` (the old one may have been donated)."""
+
+    def __init__(self, compiled, state, batch, key):
+        self.compiled, self.state, self.batch, self.key = compiled, state, batch, key
+
+    def __call__(self) -> jax.Array:
+        self.state, metrics = self.compiled(self.state, self.batch, self.key)
+        return metrics["loss"]
+
 
 def train_setup(config: ml_collections.ConfigDict, opts: Options) -> TrainSetup:
     """Builds ``make_train_step`` (or, with ``opts.donate`` off, the same step without
@@ -311,12 +327,7 @@ def jax_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tup
     compiled = setup.compile(opts)
     compile_s = time.perf_counter() - start
 
-    holder = {"state": state}
-
-    def run():
-        holder["state"], metrics = compiled(holder["state"], batch, key)
-        return metrics["loss"]
-
+    run = setup.stepper(compiled)
     for _ in range(2):  # warm-up
         jax.block_until_ready(run())
     iters = _iters_for(opts, run)
@@ -342,7 +353,7 @@ def jax_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tup
         "num_devices": mesh.size,
         "final_loss": loss,
     }
-    params = jax.device_put(holder["state"].params, jax.local_devices()[0])
+    params = jax.device_put(run.state.params, jax.local_devices()[0])
     return out, params
 
 
@@ -629,8 +640,9 @@ def choose_torch_threads(step: Callable[[], Any], opts: Options, device: str) ->
     return {str(k): v for k, v in probe.items()}
 
 
-def peer_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tuple[dict[str, Any], Any]:
-    """Eager PyTorch: ``UNet2DModel`` forward + backward + AdamW step, L1 on eps."""
+def peer_train_step(config: ml_collections.ConfigDict, opts: Options) -> tuple[Callable[[], Any], Any]:
+    """``(step, model)``: one eager PyTorch train step of the ``opts.peer`` network (forward +
+    backward + AdamW with the config's settings, L1 on eps of noised images) per ``step()``."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDIMScheduler
@@ -638,7 +650,6 @@ def peer_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tu
     device = _torch_device()
     torch.manual_seed(0)
     model = build_peer(with_options(config, opts), opts.peer).to(device).train()
-    num_params = sum(p.numel() for p in model.parameters())
     o = config.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
                             eps=o.eps, weight_decay=o.weight_decay)
@@ -659,15 +670,26 @@ def peer_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tu
         opt.step()
         return loss
 
+    return step, model
+
+
+def peer_train_benchmark(config: ml_collections.ConfigDict, opts: Options) -> tuple[dict[str, Any], Any]:
+    """Eager PyTorch: ``UNet2DModel`` forward + backward + AdamW step, L1 on eps."""
+    import torch
+
+    device = _torch_device()
+    step, model = peer_train_step(config, opts)
+    num_params = sum(p.numel() for p in model.parameters())
+    b = opts.train_batch
     flops_per_image = _torch_flops(step) / b  # also a warm-up step
     probe = choose_torch_threads(step, opts, device)
     step()
     _torch_sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    iters = _iters_for(opts, step, sync=lambda _: _torch_sync(device))
-    seconds, windows, loss = _best_window(step, iters, opts.repeats,
-                                          sync=lambda _: _torch_sync(device))
+    sync = lambda _: _torch_sync(device)  # noqa: E731
+    iters = _iters_for(opts, step, sync=sync)
+    seconds, windows, loss = _best_window(step, iters, opts.repeats, sync=sync)
     images_per_sec = b / seconds
     kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {
@@ -829,33 +851,11 @@ def attention_share(config: ml_collections.ConfigDict, opts: Options, *, rounds:
 
     def jax_step():
         setup = train_setup(config, opts)
-        compiled, holder = setup.compile(opts), {"state": setup.state}
-
-        def run():
-            holder["state"], metrics = compiled(holder["state"], setup.batch, setup.key)
-            return metrics["loss"]
-
-        return run, jax.block_until_ready
+        return setup.stepper(setup.compile(opts)), jax.block_until_ready
 
     def torch_step():
-        import torch
-        import torch.nn.functional as torch_f
-
-        torch.manual_seed(0)
-        model = build_peer(with_options(config, opts), "book").train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        s, ch, b = config.data.image_size, config.data.channels, opts.train_batch
-        x, noise = torch.rand(b, ch, s, s) * 2 - 1, torch.randn(b, ch, s, s)
-        t = torch.randint(0, 1000, (b,))
-
-        def run():
-            loss = torch_f.l1_loss(model(x, t), noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return loss
-
-        return run, lambda _: None
+        step, _ = peer_train_step(config, dataclasses.replace(opts, peer="book"))
+        return step, lambda _: _torch_sync(_torch_device())
 
     builders = {"jaxdiff": jax_step, **({"book_pytorch": torch_step} if peer else {})}
     runs = {}
@@ -1088,7 +1088,7 @@ if __name__ == "__main__":
     flags.DEFINE_float("window_seconds", 0.0, "If > 0, train steps per window fill about this many "
                        "seconds (overrides --train_iters).")
     flags.DEFINE_integer("repeats", 3, "Timing windows; the best is reported.")
-    flags.DEFINE_enum("cpu_fusion", "auto", ["auto", "off", "dot", "jax_default"],
+    flags.DEFINE_enum("cpu_fusion", "auto", ["auto", *train_lib.CPU_FUSION_MODES],
                       "XLA:CPU library fusions (jaxdiff.train.cpu_fusion_mode).")
     flags.DEFINE_integer("torch_threads", 0, "Peer intra-op threads (0: the faster of torch's default and 1).")
     flags.DEFINE_enum("peer_model", "diffusers", list(PEERS), "diffusers: UNet2DModel as close as its blocks allow; "

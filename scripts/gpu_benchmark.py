@@ -99,14 +99,14 @@ def search_batch(measure: Callable[[int], int], budget: float, *, probe: tuple[i
     fixed = m1 - per_image * b1
     round_down = lambda b: min(max(multiple, int(b) // multiple * multiple), cap)  # noqa: E731
     batch, checked = round_down((budget - fixed) / per_image), {}
-    for _ in range(tries):
-        checked[batch] = sizes[batch] = sizes[batch] if batch in sizes else measure(batch)
-        if sizes[batch] <= budget or batch == multiple:
+    for shrinks in range(tries + 1):
+        if batch not in sizes:
+            sizes[batch] = measure(batch)
+        checked[batch] = sizes[batch]
+        if sizes[batch] <= budget or batch == multiple or shrinks == tries:
             break
         grown = max((sizes[batch] - fixed) / batch, 1.0)  # this size's own bytes per image
         batch = min(round_down((budget - fixed) / grown), batch - multiple)
-    else:
-        checked[batch] = sizes[batch] = sizes[batch] if batch in sizes else measure(batch)
     if sizes[batch] > budget:
         raise RuntimeError(f"No batch of {multiple} or more fits {budget / 2**30:.3g} GiB "
                            f"(batch {batch} needs {sizes[batch] / 2**30:.3g} GiB); pass --max_batch.")
@@ -195,9 +195,8 @@ def run_all(config, names: Sequence[str], s: Settings, out_dir: pathlib.Path, *,
                 result = {"run": name, "skipped": f"time budget: {elapsed:.0f} s of {s.budget_s:.0f} s used"}
             else:
                 try:
-                    batch = s.train_batch if RUNS[name][1] == "small" else "max"
-                    fit = None
-                    if batch == "max":
+                    batch, fit = s.train_batch, None
+                    if RUNS[name][1] == "max":
                         if max_batch is None:
                             memory = s.memory_bytes or device_memory_bytes()
                             if memory is None:

@@ -146,14 +146,7 @@ def build(config, opts: bench.Options, part: str) -> tuple[Callable[[], Any], An
         return (lambda: compiled(params, x, t)), compiled
     setup = bench.train_setup(config, opts)
     compiled = setup.compile(opts)
-    batch, key = setup.batch, setup.key
-    holder = {"state": setup.state}
-
-    def run():
-        holder["state"], metrics = compiled(holder["state"], batch, key)
-        return metrics["loss"]
-
-    return run, compiled
+    return setup.stepper(compiled), compiled
 
 
 def profile(config, opts: bench.Options, *, part: str = "train", steps: int = 5, top: int = 25,
@@ -201,7 +194,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch", None, "Batch size (default 32 on CPU, 16 elsewhere).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Computation dtype.")
     flags.DEFINE_enum("attention_impl", "", ["", "xla", "cudnn", "cpu_fast", "auto"], "'' by backend.")
-    flags.DEFINE_enum("cpu_fusion", "auto", ["auto", "off", "dot", "jax_default"], "XLA:CPU library fusions.")
+    flags.DEFINE_enum("cpu_fusion", "auto", ["auto", *train_lib.CPU_FUSION_MODES], "XLA:CPU library fusions.")
     flags.DEFINE_integer("steps", 5, "Traced runs.")
     flags.DEFINE_integer("top", 25, "Rows per table.")
     flags.DEFINE_string("trace_dir", None, "Keep the trace here (default: a temporary folder).")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models import UNet
-from jaxdiff.train import cpu_compiler_options
+from jaxdiff.train import CPU_FUSION_MODES, cpu_compiler_options
 
 
 
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cpu-fusion", default="auto", choices=["auto", "off", "dot", "jax_default"],
+    parser.add_argument("--cpu-fusion", default="auto", choices=["auto", *CPU_FUSION_MODES],
                         help="XLA:CPU library fusions (jaxdiff.train.cpu_fusion_mode)")
     parser.add_argument("--no-run", action="store_true", help="memory only, no timing")
     parser.add_argument("--attention-chunk", type=int, default=None,

@@ -198,13 +198,19 @@ def _per_channel(a: Array, channels: int) -> Array:
     return jnp.repeat(a, channels // a.shape[-1], axis=-1)
 
 
+def _gn_affine(x3: Array, scale: Array, bias: Array, mean: Array, rstd: Array) -> tuple[Array, Array]:
+    """``(a [B, C], z [B, P, C])`` with ``z = a x + shift``: the normalisation and the affine in one."""
+    c = x3.shape[-1]
+    a = _per_channel(rstd, c) * scale
+    shift = bias - _per_channel(mean, c) * a
+    return a, x3 * a[:, None] + shift[:, None]
+
+
 def _gn_silu_fwd(x, scale, bias, groups):
     b, h, w, c = x.shape
     x3 = x.reshape(b, h * w, c)
     mean, rstd = _group_stats(x3, groups)
-    a = _per_channel(rstd, c) * scale  # z = a x + shift: the normalisation and affine in one
-    shift = bias - _per_channel(mean, c) * a
-    z = x3 * a[:, None] + shift[:, None]
+    _, z = _gn_affine(x3, scale, bias, mean, rstd)
     return (z * jax.nn.sigmoid(z)).reshape(x.shape), (x, scale, bias, mean, rstd)
 
 
@@ -214,8 +220,7 @@ def _gn_silu_bwd(groups, residuals, dy):
     n = h * w * (c // groups)
     x3 = x.reshape(b, h * w, c)
     mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)
-    a = rstd_c * scale
-    z = x3 * a[:, None] + (bias - mean_c * a)[:, None]
+    a, z = _gn_affine(x3, scale, bias, mean, rstd)
     sig = jax.nn.sigmoid(z)
     dz = dy.reshape(x3.shape) * sig * (1 + z * (1 - sig))  # SiLU'(z) = s (1 + z (1 - s))
     sum_dz = jnp.sum(dz, axis=1)  # [B, C]
