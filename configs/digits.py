@@ -3,16 +3,21 @@
     python scripts/train.py --config=configs/digits.py --workdir=runs/digits
 
 1,797 grey images (value/16, background 0, ink bright) bilinearly upsampled to 16x16 and scaled
-to [-1, 1]. A 0.54M-parameter U-Net (hidden_dims (16, 32, 64): 16x16 -> 8x8, attention with
-2 heads x 16 at 8x8) trained with L2 on eps, cosine schedule, AdamW with warmup-cosine, EMA
-0.999, batch 32, 3000 steps. On 2 CPU cores the run takes about 8-12 minutes including
-compilation and writes recognisable digits of all ten classes to
-runs/digits/samples/step_3000.png; each grid's digits FD and classifier confidence are logged
-to runs/digits/metrics.jsonl.
+to [-1, 1]; the 1,297 of ``data.split="train"`` are trained on, the 500 of "test" (50 of each
+digit) are held out for scripts/evaluate.py. A 0.54M-parameter U-Net (hidden_dims (16, 32, 64):
+16x16 -> 8x8, attention with 2 heads x 16 at 8x8) trained with L2 on eps and min-SNR weighting
+(gamma 5), cosine schedule, AdamW with warmup-cosine, EMA 0.999 with warm-up, batch 32, 5000
+steps. On 2 CPU cores the run takes 10-14 minutes including compilation (13.4 measured on a
+busy virtual machine) and writes digits of all ten classes to
+runs/digits/samples/step_5000.png: 500 samples score a class-balanced FD 1.10x that of real
+held-out digits, classifier confidence 0.97, 0.3% near-copies of training digits
+(``python scripts/evaluate.py --workdir=runs/digits``).
 
 Variants (``--config=configs/digits.py:VARIANT``):
   conditional  class-conditional (labels 0..9) with 10% label dropout for classifier-free
-               guidance; sample with ``--labels=0,1,...`` and ``--guidance_scale``.
+               guidance; grids and scripts/evaluate.py sample at guidance scale 2
+               (``sample.guidance_scale``); scripts/sample.py takes ``--labels=0,1,...`` and
+               ``--guidance_scale``.
   smoke        a tiny run (a few steps, tiny network) for tests.
   conditional_smoke  both.
 """
@@ -30,6 +35,7 @@ def get_config(arg: str | None = None):
     c.data.name = "digits"
     c.data.image_size = 16
     c.data.channels = 1
+    c.data.split = "train"  # 1,297 images; the 500 of "test" are held out for scripts/evaluate.py
 
     c.model.hidden_dims = (16, 32, 64)
     c.model.heads = 2
@@ -39,6 +45,8 @@ def get_config(arg: str | None = None):
     c.schedule.num_train_timesteps = 1000
     c.loss = "l2"
     c.prediction_type = "epsilon"
+    c.loss_weighting = "min_snr"  # Hang et al. 2023: FD ratio 1.23 -> 1.09 at 6000 steps (README)
+    c.min_snr_gamma = 5.0
 
     c.optim.learning_rate = 2e-3
     c.optim.b1 = 0.9
@@ -47,21 +55,25 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 100
     c.optim.grad_clip_norm = 1.0
 
-    c.train.num_steps = 3000
+    c.train.num_steps = 5000
     c.train.batch_size = 32
     c.train.checkpoint_every = 500
     c.train.log_every = 50
-    c.train.sample_every = 1000
+    c.train.sample_every = 2500
     c.train.ema_decay = 0.999
 
     c.eval.digits_metrics = True
     c.sample.num_images = 64
     c.sample.num_steps = 50
     c.sample.eta = 0.0
+    # Every sampler starts at t <= T - T // num_steps: the cosine schedule's abar at t = T - 1 is
+    # 2.4e-9, where DPM-Solver, UniPC, Euler and Heun multiply the network's error by ~2e4.
+    c.sample.spacing = "leading"
 
     if "conditional" in variants:
         c.model.num_classes = 10
         c.train.label_dropout = 0.1
+        c.sample.guidance_scale = 2.0  # grids and scripts/evaluate.py sample with CFG 2 (label accuracy ~0.99)
 
     if "smoke" in variants:
         shrink_for_smoke(c)

@@ -12,13 +12,14 @@ Example::
 """
 
 from jaxdiff import guidance, models, samplers, schedules
-from jaxdiff.sampling import load_sampler, make_sampler
+from jaxdiff.sampling import load_params, load_sampler, make_sampler
 from jaxdiff.train import train_and_evaluate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "guidance",
+    "load_params",
     "load_sampler",
     "make_sampler",
     "models",

@@ -21,20 +21,26 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+
+from jaxdiff import distributed
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 
 
 def make_manager(
-    workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True
+    workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True, create: bool = True
 ) -> ocp.CheckpointManager:
-    """A ``CheckpointManager`` for ``workdir/checkpoints`` keeping the last ``max_to_keep``."""
+    """A ``CheckpointManager`` for ``workdir/checkpoints`` keeping the last ``max_to_keep``.
+
+    ``create=False`` (for readers) does not create the folder.
+    """
     directory = Path(workdir).resolve() / CHECKPOINT_DIR
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
-        create=True,
+        create=create,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
     )
@@ -55,15 +61,21 @@ def restore_latest(
     """Restores the newest readable checkpoint; returns ``(step, state)`` or ``(None, None)``.
 
     ``abstract_state`` gives shapes, dtypes and shardings (e.g. from ``jax.eval_shape``).
-    ``data_iterator``, when given, is set to the saved position in place. A checkpoint that
-    fails to restore is reported with a warning and the previous one is tried.
+    ``data_iterator``, when given, is set to the saved position in place, also when the
+    checkpoint was written by another number of processes (see
+    :func:`jaxdiff.distributed.saved_iterator_state`; a position that cannot be mapped raises
+    ``ProcessCountMismatchError``). A checkpoint that fails to restore is reported with a
+    warning and the previous one is tried.
     """
     for step in sorted(manager.all_steps(), reverse=True):
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(**items))
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+            if data_iterator is not None:
+                position = distributed.saved_iterator_state(
+                    Path(manager.directory) / str(step) / "data", jax.process_index(), jax.process_count()
+                )
+        except distributed.ProcessCountMismatchError:
+            raise  # readable, but not on this many processes: never resume with another data order
         except Exception as e:  # Any failure to read means: do not trust this checkpoint.
             logging.warning(
                 "Checkpoint at step %d is incomplete or corrupt (%s: %s); trying the previous one.",
@@ -72,8 +84,20 @@ def restore_latest(
                 str(e).splitlines()[0] if str(e) else "",
             )
             continue
+        if data_iterator is not None:
+            data_iterator.set_state(position)
+            if hasattr(data_iterator, "start_prefetch"):  # as grain's own restore does
+                data_iterator.start_prefetch()
         return step, restored["state"]
     return None, None
+
+
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of the finished checkpoints under ``workdir/checkpoints`` (no reading, no orbax)."""
+    directory = Path(workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def write_config(workdir: str | os.PathLike, config: Any) -> None:
@@ -90,12 +114,17 @@ def read_config(workdir: str | os.PathLike):
     import ml_collections
 
     path = Path(workdir) / CONFIG_FILE
+    if not Path(workdir).is_dir():
+        raise FileNotFoundError(f"workdir {str(workdir)!r} does not exist: pass the --workdir of a scripts/train.py run.")
     if not path.is_file():
         raise FileNotFoundError(
             f"No {CONFIG_FILE} in workdir {str(workdir)!r}: is this the --workdir of a "
             "scripts/train.py run?"
         )
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    try:
+        return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a readable run config ({type(e).__name__}: {e}).") from e
 
 
 def _tuples(tree: Any) -> Any:

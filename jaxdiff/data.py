@@ -4,7 +4,11 @@ Every data set is a random-access *source* (``len`` and ``__getitem__`` returnin
 ``{"image": float32 [H, W, C] in [-1, 1], "label": int32}``) and one shared pipeline turns a
 source into an infinite stream of batches::
 
-    source[process_index::process_count] -> seed -> shuffle -> repeat -> random flip -> batch
+    source -> seed -> shuffle -> repeat -> random flip -> batch -> this process's rows
+
+With several processes, global batch ``k`` is the same examples as in a one-process run:
+process ``i`` of ``n`` reads (only) rows ``[i B/n, (i+1) B/n)`` of it, so a run gives the same
+batches, and its checkpointed data position means the same, on any number of processes.
 
 The pipeline is deterministic given ``train.seed``: each epoch is reshuffled from the seed and
 the epoch number, and the per-element random flip is seeded by element index. Its iterator
@@ -83,16 +87,42 @@ def _pil_to_array(image: Image.Image, channels: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+DIGITS_SPLITS = ("train", "test", "train+test")
+DIGITS_TEST_PER_CLASS = 50
+
+
+def digits_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """Indices of a digits split: ``"test"`` is 50 images of each class (500), ``"train"`` the rest.
+
+    The held-out images are drawn per class with a fixed generator (seed 0), so the split is
+    stratified and the same on every machine; indices are returned in ascending order.
+    ``"train+test"`` is every image.
+    """
+    if split not in DIGITS_SPLITS + ("train+validation+test",):
+        raise ValueError(f"data.split={split!r} is not a digits split; use one of {DIGITS_SPLITS}.")
+    if split in ("train+test", "train+validation+test"):  # the latter: the TFDS-style default name
+        return np.arange(len(labels))
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(labels), bool)
+    for c in range(10):
+        members = np.flatnonzero(labels == c)
+        test[rng.permutation(members)[:DIGITS_TEST_PER_CLASS]] = True
+    return np.flatnonzero(test if split == "test" else ~test)
+
+
 class DigitsSource:
     """scikit-learn's 8x8 digits as ``image_size`` x ``image_size`` grey images in [-1, 1].
 
     Pixel = value / 16 (background 0, ink bright), bilinear upsampling, then ``x * 2 - 1``.
-    Labels 0..9 are kept for class-conditional training.
+    Labels 0..9 are kept for class-conditional training. ``split``: ``"train+test"`` (all
+    1,797 images, the default), ``"train"`` (1,297) or ``"test"`` (500 held-out images, 50 per
+    class; see :func:`digits_split_indices`): evaluation compares samples with the held-out
+    digits a model never saw.
     """
 
     num_classes = 10
 
-    def __init__(self, image_size: int = 16):
+    def __init__(self, image_size: int = 16, split: str = "train+test"):
         from sklearn.datasets import load_digits  # Local import: only this source needs it.
 
         digits = load_digits()
@@ -109,8 +139,10 @@ class DigitsSource:
                 ]
             )
         images = np.clip(images, 0.0, 1.0) * 2.0 - 1.0
-        self._images = images[..., None].astype(np.float32)  # [N, S, S, 1]
-        self._labels = digits.target.astype(np.int32)
+        keep = digits_split_indices(digits.target, split)
+        self.split = split
+        self._images = images[keep, ..., None].astype(np.float32)  # [N, S, S, 1]
+        self._labels = digits.target[keep].astype(np.int32)
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -239,7 +271,8 @@ def build_source(data_config: Mapping[str, Any]):
     """Builds the random-access source named by ``data_config.name``."""
     name = data_config["name"]
     if name == "digits":
-        return DigitsSource(image_size=data_config["image_size"])
+        split = data_config.get("split", "train+test")
+        return DigitsSource(image_size=data_config["image_size"], split=split)
     if name == "oxford_flowers102":
         return TfdsImageSource(
             name="oxford_flowers102",
@@ -284,7 +317,9 @@ def make_dataset(
 
     Args:
       source: random-access source (``len`` and ``__getitem__``).
-      batch_size: the *global* batch size; each process gets ``batch_size // process_count``.
+      batch_size: the *global* batch size; each process gets ``batch_size // process_count``
+        rows of each global batch (its own slice; the global batches do not depend on the
+        process count).
       seed: shuffling and augmentation seed (each epoch is reshuffled deterministically).
       random_flip: random horizontal flip (p = 0.5), seeded per element.
       num_threads, prefetch: host-side parallelism and read-ahead.
@@ -304,17 +339,19 @@ def make_dataset(
         )
     per_process = batch_size // process_count
     ds = grain.MapDataset.source(source)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
-    if len(ds) < per_process:
+    if len(ds) < batch_size:
         raise ValueError(
-            f"The data set has {len(ds)} examples for this process, fewer than one batch "
-            f"({per_process}); lower train.batch_size."
+            f"The data set has {len(ds)} examples, fewer than one batch ({batch_size}); lower train.batch_size."
         )
     ds = ds.seed(seed).shuffle().repeat(None)
     if random_flip:
         ds = ds.random_map(_random_flip)
     ds = ds.batch(per_process, drop_remainder=True)
+    if process_count > 1:
+        # Global batch k = these per-process batches k*n .. k*n+n-1 in order; this process
+        # takes (and, the dataset being lazy, reads) only its own: the same global batches
+        # whatever the process count.
+        ds = ds[process_index::process_count]
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return ds.to_iter_dataset(read_options)
 

@@ -18,6 +18,10 @@ Example:
     >>> save_diffusers(new_params, model, "out/cat-finetuned")                 # doctest: +SKIP
     >>> # diffusers.UNet2DModel.from_pretrained("out/cat-finetuned") now loads the fine-tune.
 
+Stable Diffusion pipeline folders (``StableDiffusionPipeline.save_pretrained``: ``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``) load with :func:`load_text_to_image` and are
+written by :func:`save_text_to_image` (both in :mod:`jaxdiff.text_to_image`).
+
 ``safetensors`` files are read with ``safetensors.numpy`` (no PyTorch needed); legacy ``.bin``
 pickles need PyTorch. Conversion: convolution kernels OIHW <-> HWIO, linear weights transposed,
 GroupNorm ``weight`` <-> ``scale``; the pre-2023 attention names (``query``, ``key``, ``value``,
@@ -27,9 +31,7 @@ GroupNorm ``weight`` <-> ``scale``; the pre-2023 attention names (``query``, ``k
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,10 +39,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from jaxdiff import samplers as samplers_lib
 from jaxdiff import schedules as schedules_lib
 from jaxdiff.models.diffusers_unet import DiffusersUNet2D
+from jaxdiff.models.hf_config import (
+    DIFFUSERS_VERSION_WRITTEN,
+    as_module,
+    model_index_classes,
+    read_json,
+    write_json,
+)
+from jaxdiff.models.state_dicts import (
+    param_shapes,
+    params_from_state_dict,
+    params_to_state_dict,
+    read_state_dict,
+    rename_legacy_attention,
+)
 
 __all__ = [
     "SchedulerConfig",
@@ -48,22 +64,20 @@ __all__ = [
     "diffusers_params_to_torch",
     "diffusers_param_shapes",
     "load_diffusers",
+    "load_text_to_image",
     "read_scheduler_config",
     "save_diffusers",
+    "save_text_to_image",
 ]
 
 WEIGHTS_SAFETENSORS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_BIN = "diffusion_pytorch_model.bin"
-_DIFFUSERS_VERSION_WRITTEN = "0.42.1"
 _DOWNLOAD_HINT = (
     "Download the checkpoint first, e.g. `huggingface-cli download google/ddpm-cat-256 --local-dir "
     "<folder>` (or `DDPMPipeline.from_pretrained(...).save_pretrained(<folder>)` in diffusers); "
     "jaxdiff never downloads at run time."
 )
 _LIST_MODULES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out")
-_LIST_RE = re.compile(rf"^({'|'.join(_LIST_MODULES)})_(\d+)$")
-_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_LEGACY_RE = re.compile(r"^(.*\.(?:attentions\.\d+))\.(query|key|value|proj_attn)\.(weight|bias)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +134,21 @@ class SchedulerConfig:
         """The noise schedule (betas, alphas, alphas_cumprod) this scheduler uses."""
         return schedules_lib.from_diffusers_config(self.to_dict())
 
+    def sampler(self) -> tuple[str, dict[str, Any]]:
+        """``(name, kwargs)``: the jaxdiff sampler that runs this scheduler class, and its settings.
+
+        ``samplers.SAMPLE_FUNCTIONS[name](eps_fn, self.schedule(), x_T, key, num_steps=n, **kwargs)``
+        samples as the diffusers scheduler of this config does (DDIM, DDPM, DPM-Solver, UniPC,
+        Euler, Euler ancestral, Heun, PNDM: ``samplers.SCHEDULER_CLASSES``). Another class is a
+        ValueError naming it and listing the supported ones.
+
+        Example:
+            >>> SchedulerConfig.from_dict({"_class_name": "EulerDiscreteScheduler"}).sampler()[0]
+            'euler'
+        """
+        name = samplers_lib.sampler_for_scheduler_class(self.class_name)
+        return name, samplers_lib.kwargs_from_diffusers_config(self.to_dict(), self.schedule(), sampler=name)
+
 
 def read_scheduler_config(path: str | os.PathLike) -> SchedulerConfig:
     """Read the scheduler config of a pipeline folder, a bare model folder, or a json file.
@@ -134,20 +163,16 @@ def read_scheduler_config(path: str | os.PathLike) -> SchedulerConfig:
     """
     path = Path(path)
     if path.is_file():
-        return SchedulerConfig.from_dict(_read_json(path))
+        return SchedulerConfig.from_dict(read_json(path))
     _check_folder(path)
     for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
         if candidate.is_file():
-            return SchedulerConfig.from_dict(_read_json(candidate))
+            return SchedulerConfig.from_dict(read_json(candidate))
     return SchedulerConfig()
 
 
 # ---------------------------------------------------------------------------------------------
 # Weight conversion
-
-
-def _as_module(config: Mapping[str, Any] | DiffusersUNet2D) -> DiffusersUNet2D:
-    return config if isinstance(config, DiffusersUNet2D) else DiffusersUNet2D.from_config(config)
 
 
 def diffusers_param_shapes(config: Mapping[str, Any] | DiffusersUNet2D) -> dict[str, Any]:
@@ -158,7 +183,7 @@ def diffusers_param_shapes(config: Mapping[str, Any] | DiffusersUNet2D) -> dict[
         >>> sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))     # doctest: +SKIP
         113673219
     """
-    model = _as_module(config)
+    model = as_module(DiffusersUNet2D, config)
     size = 2 ** (len(model.block_out_channels) - 1)
     x = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
@@ -167,50 +192,7 @@ def diffusers_param_shapes(config: Mapping[str, Any] | DiffusersUNet2D) -> dict[
         labels = jax.ShapeDtypeStruct((1, model.time_embed_dim), jnp.float32)
     elif model.class_embed_type is not None or model.num_class_embeds is not None:
         labels = jax.ShapeDtypeStruct((1,), jnp.int32)
-    variables = jax.eval_shape(lambda x, t, c: model.init(jax.random.key(0), x, t, c), x, t, labels)
-    return variables["params"]
-
-
-def _torch_key(path: tuple[str, ...]) -> str:
-    """Flax parameter path -> PyTorch state-dict key."""
-    parts = []
-    for part in path[:-1]:
-        m = _LIST_RE.match(part)
-        parts.append(f"{m.group(1)}.{m.group(2)}" if m else part)
-    leaf = path[-1]
-    parts.append("bias" if leaf == "bias" else "weight")  # kernel / scale / embedding / weight
-    return ".".join(parts)
-
-
-def _to_flax(leaf: str, array: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    if leaf == "kernel" and array.ndim == 2:
-        return array.T  # (out, in) -> (in, out)
-    return array
-
-
-def _to_torch(leaf: str, array: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and array.ndim == 4:
-        return array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-    if leaf == "kernel" and array.ndim == 2:
-        return array.T
-    return array
-
-
-def _rename_legacy_attention(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    renamed = {}
-    for key, value in state_dict.items():
-        m = _LEGACY_RE.match(key)
-        if m:
-            key = f"{m.group(1)}.{_LEGACY_ATTENTION[m.group(2)]}.{m.group(3)}"
-        renamed[key] = value
-    return renamed
-
-
-def _summarise(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
+    return param_shapes(model, x, t, labels)
 
 
 def diffusers_params_from_torch(
@@ -239,29 +221,8 @@ def diffusers_params_from_torch(
     Example:
         >>> params = diffusers_params_from_torch(safetensors.numpy.load_file(f), config)  # doctest: +SKIP
     """
-    shapes = traverse_util.flatten_dict(diffusers_param_shapes(config))
-    remaining = {k: _to_numpy(v) for k, v in _rename_legacy_attention(state_dict).items()}
-    flat, missing, mismatched = {}, [], []
-    for path, spec in shapes.items():
-        key = _torch_key(path)
-        if key not in remaining:
-            missing.append(key)
-            continue
-        array = _to_flax(path[-1], remaining.pop(key))
-        if tuple(array.shape) != tuple(spec.shape):
-            mismatched.append(f"{key}: checkpoint {array.shape} (as Flax) vs model {tuple(spec.shape)}")
-            continue
-        flat[path] = np.asarray(array, dtype=dtype)
-    if missing:
-        raise KeyError(f"state dict is missing {len(missing)} parameters of the config: {_summarise(missing)}")
-    if mismatched:
-        raise ValueError("state dict shapes do not match the config: " + "; ".join(mismatched[:8]))
-    if strict and remaining:
-        raise KeyError(
-            f"state dict has {len(remaining)} entries the config does not use (pass strict=False to "
-            f"ignore): {_summarise(sorted(remaining))}"
-        )
-    return traverse_util.unflatten_dict(flat)
+    return params_from_state_dict(rename_legacy_attention(state_dict), diffusers_param_shapes(config),
+                                  list_modules=_LIST_MODULES, strict=strict, dtype=dtype, what="UNet2DModel")
 
 
 def diffusers_params_to_torch(
@@ -278,37 +239,12 @@ def diffusers_params_to_torch(
         >>> sd = diffusers_params_to_torch(params, model)                 # doctest: +SKIP
         >>> torch_unet.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})  # doctest: +SKIP
     """
-    expected = traverse_util.flatten_dict(diffusers_param_shapes(config))
-    flat = traverse_util.flatten_dict(dict(params))
-    missing = sorted("/".join(p) for p in expected.keys() - flat.keys())
-    unexpected = sorted("/".join(p) for p in flat.keys() - expected.keys())
-    if missing or unexpected:
-        raise KeyError(
-            f"params do not match the config: missing [{_summarise(missing)}], unexpected "
-            f"[{_summarise(unexpected)}]"
-        )
-    state_dict = {}
-    for path, spec in expected.items():
-        array = np.asarray(jax.device_get(flat[path]))
-        if tuple(array.shape) != tuple(spec.shape):
-            raise ValueError(f"{'/'.join(path)}: shape {array.shape} but the config needs {tuple(spec.shape)}")
-        state_dict[_torch_key(path)] = np.ascontiguousarray(_to_torch(path[-1], array).astype(dtype))
-    return state_dict
+    return params_to_state_dict(params, diffusers_param_shapes(config), list_modules=_LIST_MODULES, dtype=dtype,
+                                what="UNet2DModel")
 
 
 # ---------------------------------------------------------------------------------------------
 # Folders
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def _check_folder(path: Path) -> None:
@@ -316,27 +252,10 @@ def _check_folder(path: Path) -> None:
         raise FileNotFoundError(f"no checkpoint folder at {str(path)!r}. {_DOWNLOAD_HINT}")
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        return value.numpy()
-    return np.asarray(value)
-
-
 def _unet_folder(path: Path) -> Path:
     """The folder holding the UNet ``config.json`` in a pipeline or bare-model layout."""
     _check_folder(path)
-    component = "unet"
-    index = path / "model_index.json"
-    if index.is_file():
-        for name, spec in _read_json(index).items():
-            if isinstance(spec, list) and len(spec) == 2 and spec[1] == "UNet2DModel":
-                component = name
-                break
+    component = next((name for name, cls in model_index_classes(path).items() if cls == "UNet2DModel"), "unet")
     for candidate in (path / component, path):
         if (candidate / "config.json").is_file():
             return candidate
@@ -349,40 +268,7 @@ def _unet_folder(path: Path) -> Path:
 
 def read_unet_config(path: str | os.PathLike) -> dict[str, Any]:
     """The UNet's ``config.json`` of a pipeline or bare-model folder (no weights are read)."""
-    return _read_json(_unet_folder(Path(path)) / "config.json")
-
-
-def _read_state_dict(folder: Path) -> dict[str, np.ndarray]:
-    """Read the weights of a model folder: safetensors (single or sharded) or a torch ``.bin``."""
-    from safetensors.numpy import load_file
-
-    for variant in ("", ".fp16"):
-        single = folder / f"diffusion_pytorch_model{variant}.safetensors"
-        if single.is_file():
-            return dict(load_file(single))
-        index = folder / f"diffusion_pytorch_model{variant}.safetensors.index.json"
-        if index.is_file():
-            state_dict: dict[str, np.ndarray] = {}
-            for shard in sorted(set(_read_json(index)["weight_map"].values())):
-                state_dict.update(load_file(folder / shard))
-            return state_dict
-    for variant in ("", ".fp16"):
-        binary = folder / f"diffusion_pytorch_model{variant}.bin"
-        if binary.is_file():
-            try:
-                import torch
-            except ImportError as e:
-                raise ImportError(
-                    f"{str(binary)!r} is a PyTorch pickle and PyTorch is not installed. Install torch, or "
-                    "convert it once elsewhere: `from safetensors.torch import save_file; "
-                    f"save_file(torch.load('{binary.name}'), '{WEIGHTS_SAFETENSORS}')`."
-                ) from e
-            loaded = torch.load(binary, map_location="cpu", weights_only=True)
-            return {k: _to_numpy(v) for k, v in loaded.items()}
-    raise FileNotFoundError(
-        f"no weights in {str(folder)!r}: expected {WEIGHTS_SAFETENSORS} (or {WEIGHTS_BIN}) next to "
-        f"config.json. {_DOWNLOAD_HINT}"
-    )
+    return read_json(_unet_folder(Path(path)) / "config.json")
 
 
 def load_diffusers(
@@ -407,7 +293,8 @@ def load_diffusers(
         dtype: compute dtype of the returned model (parameters stay float32).
         remat: rematerialise ResNet/attention layers (for fine-tuning large models).
         return_scheduler_config: also return the :class:`SchedulerConfig`
-            (``prediction_type``, ``clip_sample``, ``timestep_spacing``, ...).
+            (``prediction_type``, ``clip_sample``, ``timestep_spacing``, ...); its
+            :meth:`SchedulerConfig.sampler` gives the sampler the folder's scheduler class names.
 
     Returns:
         ``(model, params, schedule)`` or, with ``return_scheduler_config``, ``(model, params,
@@ -424,9 +311,9 @@ def load_diffusers(
     """
     path = Path(path)
     unet_dir = _unet_folder(path)
-    config = _read_json(unet_dir / "config.json")
+    config = read_json(unet_dir / "config.json")
     model = DiffusersUNet2D.from_config(config, dtype=dtype, remat=remat)
-    params = diffusers_params_from_torch(_read_state_dict(unet_dir), model)
+    params = diffusers_params_from_torch(read_state_dict(unet_dir, hint=_DOWNLOAD_HINT), model)
     params = jax.tree.map(jnp.asarray, params)
     scheduler_config = read_scheduler_config(path)
     schedule = scheduler_config.schedule()
@@ -464,29 +351,53 @@ def save_diffusers(
     """
     from safetensors.numpy import save_file
 
-    model = _as_module(config)
+    model = as_module(DiffusersUNet2D, config)
     state_dict = diffusers_params_to_torch(params, model)
     root = Path(path)
     unet_dir = root if scheduler_config is None else root / "unet"
     unet_dir.mkdir(parents=True, exist_ok=True)
     model_config = model.to_config()
-    model_config["_diffusers_version"] = _DIFFUSERS_VERSION_WRITTEN
-    _write_json(unet_dir / "config.json", model_config)
+    model_config["_diffusers_version"] = DIFFUSERS_VERSION_WRITTEN
+    write_json(unet_dir / "config.json", model_config)
     save_file(state_dict, unet_dir / WEIGHTS_SAFETENSORS, metadata={"format": "pt"})
     if scheduler_config is not None:
         if not isinstance(scheduler_config, SchedulerConfig):
             scheduler_config = SchedulerConfig.from_dict(scheduler_config)
         sched = scheduler_config.to_dict()
-        sched["_diffusers_version"] = _DIFFUSERS_VERSION_WRITTEN
+        sched["_diffusers_version"] = DIFFUSERS_VERSION_WRITTEN
         (root / "scheduler").mkdir(parents=True, exist_ok=True)
-        _write_json(root / "scheduler" / "scheduler_config.json", sched)
-        _write_json(
+        write_json(root / "scheduler" / "scheduler_config.json", sched)
+        write_json(
             root / "model_index.json",
             {
                 "_class_name": "DDPMPipeline",
-                "_diffusers_version": _DIFFUSERS_VERSION_WRITTEN,
+                "_diffusers_version": DIFFUSERS_VERSION_WRITTEN,
                 "scheduler": ["diffusers", scheduler_config.class_name],
                 "unet": ["diffusers", "UNet2DModel"],
             },
         )
     return unet_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-to-image pipelines (implemented in jaxdiff.text_to_image, imported on first use).
+
+
+def load_text_to_image(folder: str | os.PathLike, height: int | None = None, width: int | None = None,
+                       **kwargs: Any) -> Any:
+    """Load a diffusers ``StableDiffusionPipeline`` folder: :func:`jaxdiff.text_to_image.load_text_to_image`.
+
+    Example:
+        >>> pipe = load_text_to_image("checkpoints/stable-diffusion-v1-5")                      # doctest: +SKIP
+        >>> images = pipe(pipe.params, jax.random.key(0), pipe.tokenize(["a photo of a cat"]))  # doctest: +SKIP
+    """
+    from jaxdiff import text_to_image
+
+    return text_to_image.load_text_to_image(folder, height, width, **kwargs)
+
+
+def save_text_to_image(folder: str | os.PathLike, pipe: Any, params: Mapping[str, Any] | None = None) -> Path:
+    """Write a ``StableDiffusionPipeline`` folder: :func:`jaxdiff.text_to_image.save_text_to_image`."""
+    from jaxdiff import text_to_image
+
+    return text_to_image.save_text_to_image(folder, pipe, params)

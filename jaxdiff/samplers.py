@@ -34,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,6 +44,14 @@ import numpy as np
 
 from jaxdiff import schedules as schedules_lib
 from jaxdiff.schedules import Schedule
+from jaxdiff.solvers import (
+    dpm_solver_sample,
+    euler_sample,
+    heun_sample,
+    pndm_sample,
+    solver_timesteps,
+    unipc_sample,
+)
 
 SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -52,6 +61,8 @@ GuideXFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 __all__ = [
     "BOOK_DDIM_KWARGS",
+    "SAMPLE_FUNCTIONS",
+    "SCHEDULER_CLASSES",
     "SPACINGS",
     "VARIANCE_TYPES",
     "book_ddim_kwargs",
@@ -59,8 +70,15 @@ __all__ = [
     "ddim_step",
     "ddpm_sample",
     "ddpm_step",
+    "dpm_solver_sample",
+    "euler_sample",
+    "heun_sample",
     "inference_timesteps",
     "kwargs_from_diffusers_config",
+    "pndm_sample",
+    "sampler_for_scheduler_class",
+    "solver_timesteps",
+    "unipc_sample",
 ]
 
 BOOK_DDIM_KWARGS: Mapping[str, Any] = {
@@ -138,23 +156,153 @@ def inference_timesteps(
     return steps
 
 
+SCHEDULER_CLASSES: Mapping[str, str] = {
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "DPMSolverMultistepScheduler": "dpm_solver",
+    "UniPCMultistepScheduler": "unipc",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "HeunDiscreteScheduler": "heun",
+    "PNDMScheduler": "pndm",
+}
+"""diffusers scheduler ``_class_name`` -> the jaxdiff sampler name (a key of :data:`SAMPLE_FUNCTIONS`)."""
+
+
+def sampler_for_scheduler_class(class_name: str) -> str:
+    """The jaxdiff sampler that reproduces the diffusers scheduler ``class_name``.
+
+    Raises ValueError naming the class and listing the supported ones otherwise.
+
+    Example::
+
+        >>> sampler_for_scheduler_class(cfg["_class_name"])   # "DPMSolverMultistepScheduler" -> "dpm_solver"
+    """
+    if class_name not in SCHEDULER_CLASSES:
+        raise ValueError(
+            f"diffusers scheduler class {class_name!r} is not supported yet; supported: "
+            f"{sorted(SCHEDULER_CLASSES)}"
+        )
+    return SCHEDULER_CLASSES[class_name]
+
+
+def _config_value(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    """``config[key]``, or diffusers' default when the key is missing or null."""
+    value = config.get(key)
+    return default if value is None else value
+
+
+def _solver_kwargs_from_diffusers_config(config: Mapping[str, Any], sampler: str) -> dict[str, Any]:
+    """:func:`kwargs_from_diffusers_config` for the samplers of :mod:`jaxdiff.solvers`."""
+    class_name = config.get("_class_name", "the scheduler config")
+    function = SAMPLE_FUNCTIONS[sampler].__name__
+
+    def get(key: str, default: Any) -> Any:
+        return _config_value(config, key, default)
+
+    def require_default(key: str, default: Any) -> None:
+        value = get(key, default)
+        if value != default and not (isinstance(default, list) and list(value) == default):
+            raise ValueError(
+                f"{class_name}: {key}={value!r} is not supported by samplers.{function} "
+                f"(only {default!r})"
+            )
+
+    kwargs: dict[str, Any] = {
+        "spacing": get("timestep_spacing", "leading" if sampler == "pndm" else "linspace"),
+        "steps_offset": int(get("steps_offset", 0)),
+        "prediction_type": get("prediction_type", "epsilon"),
+    }
+    if sampler in ("dpm_solver", "unipc", "euler", "heun"):
+        for key in ("use_exponential_sigmas", "use_beta_sigmas"):
+            require_default(key, False)
+        kwargs["use_karras_sigmas"] = bool(get("use_karras_sigmas", False))
+    if sampler in ("dpm_solver", "unipc"):
+        for key in ("thresholding", "use_flow_sigmas", "use_dynamic_shifting"):
+            require_default(key, False)
+        kwargs["order"] = int(get("solver_order", 2))
+        kwargs["lower_order_final"] = bool(get("lower_order_final", True))
+        kwargs["final_sigmas_type"] = get("final_sigmas_type", "zero")
+    if sampler == "dpm_solver":
+        for key in ("euler_at_final", "use_lu_lambdas"):
+            require_default(key, False)
+        require_default("lambda_min_clipped", -float("inf"))
+        require_default("variance_type", None)
+        algorithm_type = get("algorithm_type", "dpmsolver++")
+        if algorithm_type == "sde-dpmsolver":
+            raise ValueError(
+                f"{class_name}: algorithm_type='sde-dpmsolver' is not supported by "
+                "samplers.dpm_solver_sample (supported: 'dpmsolver++', 'dpmsolver', 'sde-dpmsolver++')"
+            )
+        # diffusers' own aliases: DEIS configs run as DPM-Solver++, UniPC's solver types as midpoint.
+        kwargs["algorithm_type"] = "dpmsolver++" if algorithm_type == "deis" else algorithm_type
+        solver_type = get("solver_type", "midpoint")
+        kwargs["solver_type"] = "midpoint" if solver_type in ("logrho", "bh1", "bh2") else solver_type
+    elif sampler == "unipc":
+        for key in ("sigma_min", "sigma_max", "solver_p", "shift_terminal"):
+            require_default(key, None)
+        require_default("disable_corrector", [])
+        solver_type = get("solver_type", "bh2")
+        kwargs["solver_type"] = "bh2" if solver_type in ("midpoint", "heun", "logrho") else solver_type
+        kwargs["predict_x0"] = bool(get("predict_x0", True))
+    elif sampler == "euler":
+        for key in ("sigma_min", "sigma_max"):
+            require_default(key, None)
+        require_default("interpolation_type", "linear")
+        require_default("timestep_type", "discrete")
+        require_default("final_sigmas_type", "zero")
+        kwargs["ancestral"] = False
+    elif sampler == "euler_ancestral":
+        kwargs["ancestral"] = True
+    elif sampler == "heun":
+        require_default("clip_sample", False)
+    elif sampler == "pndm":
+        # skip_prk_steps=False (PNDMScheduler's default) is sampled with the PLMS start too.
+        kwargs["final_alpha_cumprod"] = 1.0 if get("set_alpha_to_one", False) else None
+    return kwargs
+
+
 def kwargs_from_diffusers_config(
     config: Mapping[str, Any], schedule: Schedule | None = None, *, sampler: str = "ddim"
 ) -> dict[str, Any]:
     """Sampler keyword arguments read from a diffusers scheduler config dict.
 
-    Maps ``prediction_type``, ``clip_sample``, ``clip_sample_range``, ``timestep_spacing`` ->
-    ``spacing``, ``steps_offset`` and (DDIM) ``set_alpha_to_one`` -> ``final_alpha_cumprod``
-    (1.0, or ``schedule.alphas_cumprod[0]`` when False; then ``schedule`` is required). Missing
-    keys take diffusers' defaults. The result fits ``ddim_sample`` (``sampler="ddim"``) or
-    ``ddpm_sample`` (``sampler="ddpm"``: ``variance_type`` instead of ``final_alpha_cumprod``).
+    ``sampler`` names the jaxdiff sampler (a key of :data:`SAMPLE_FUNCTIONS`; for a config's own
+    class use ``sampler_for_scheduler_class(config["_class_name"])``). Missing (or null) keys take
+    the defaults of that sampler's diffusers scheduler class.
+
+    * ``"ddim"``, ``"ddpm"``: ``prediction_type``, ``clip_sample``, ``clip_sample_range``,
+      ``timestep_spacing`` -> ``spacing``, ``steps_offset`` and (DDIM) ``set_alpha_to_one`` ->
+      ``final_alpha_cumprod`` (1.0, or ``schedule.alphas_cumprod[0]`` when False; then
+      ``schedule`` is required); DDPM takes ``variance_type`` instead of ``final_alpha_cumprod``.
+    * ``"dpm_solver"``, ``"unipc"``, ``"euler"``, ``"euler_ancestral"``, ``"heun"``, ``"pndm"``:
+      ``timestep_spacing``, ``steps_offset``, ``prediction_type``, ``use_karras_sigmas``,
+      ``solver_order`` -> ``order``, ``algorithm_type``, ``solver_type``, ``lower_order_final``,
+      ``final_sigmas_type``, ``predict_x0``; ``"euler"`` / ``"euler_ancestral"`` set ``ancestral``;
+      PNDM's ``set_alpha_to_one`` -> ``final_alpha_cumprod`` (1.0 or ``None`` = ``abar_0``).
+      diffusers' aliases are honoured (``algorithm_type="deis"`` runs DPM-Solver++; DPM-Solver's
+      ``solver_type`` "logrho"/"bh1"/"bh2" is "midpoint", UniPC's "midpoint"/"heun"/"logrho" is
+      "bh2"). Settings that change the maths and that jaxdiff does not implement
+      (``thresholding``, exponential/beta/flow/Lu sigmas, ``euler_at_final``, a finite
+      ``lambda_min_clipped``, learned variances, ``disable_corrector``, ``sigma_min``/``sigma_max``
+      overrides, Heun's ``clip_sample``, ``algorithm_type="sde-dpmsolver"``, ...) raise
+      ValueError. PNDM configs with ``skip_prk_steps=False`` are sampled with the PLMS start
+      (see ``pndm_sample``), so they differ from diffusers' Runge-Kutta warm-up.
+
+    ``rescale_betas_zero_snr`` and the betas belong to ``schedules.from_diffusers_config``.
 
     Example::
 
         >>> cfg = json.load(open("scheduler_config.json"))
         >>> s = schedules.from_diffusers_config(cfg)
         >>> x0 = ddim_sample(eps_fn, s, x_T, key, num_steps=50, **kwargs_from_diffusers_config(cfg, s))
+        >>> name = sampler_for_scheduler_class(cfg["_class_name"])       # e.g. "dpm_solver"
+        >>> x0 = SAMPLE_FUNCTIONS[name](eps_fn, s, x_T, key, num_steps=20,
+        ...                             **kwargs_from_diffusers_config(cfg, s, sampler=name))
     """
+    _check_choice("sampler", sampler, tuple(SAMPLE_FUNCTIONS))
+    if sampler not in ("ddim", "ddpm"):
+        return _solver_kwargs_from_diffusers_config(config, sampler)
     kwargs: dict[str, Any] = {
         "prediction_type": config.get("prediction_type", "epsilon"),
         "clip_sample": bool(config.get("clip_sample", True)),
@@ -162,7 +310,6 @@ def kwargs_from_diffusers_config(
         "spacing": config.get("timestep_spacing", "leading"),
         "steps_offset": int(config.get("steps_offset", 0)),
     }
-    _check_choice("sampler", sampler, ("ddim", "ddpm"))
     if sampler == "ddpm":
         if "variance_type" in config:
             kwargs["variance_type"] = config["variance_type"]
@@ -181,12 +328,32 @@ def _static_float(value: Any) -> float | None:
         return None
 
 
-def _prev_alphas_cumprod(
-    schedule: Schedule, t_prev: jax.Array, final_alpha_cumprod: jax.typing.ArrayLike
-) -> jax.Array:
-    """``abar_{t'}``, or ``final_alpha_cumprod`` where ``t' < 0``."""
-    abar = schedule.alphas_cumprod[jnp.maximum(t_prev, 0)]
-    return jnp.where(t_prev >= 0, abar, jnp.asarray(final_alpha_cumprod, abar.dtype))
+def _abar_pair(
+    schedule: Schedule, t: jax.Array, t_prev: jax.Array, final_alpha_cumprod: jax.typing.ArrayLike, ndim: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(abar_t, 1 - abar_t, abar_{t'}, 1 - abar_{t'})`` broadcastable over ``ndim`` dims.
+
+    The ``1 - abar`` terms come from :attr:`Schedule.one_minus_alphas_cumprod` (formed in
+    float64), not from the float32 ``abar``: near ``t = 0`` that keeps the posterior's
+    coefficients at float32 precision.
+    """
+    expand = functools.partial(schedules_lib._expand_to, ndim=ndim)
+    final = jnp.asarray(final_alpha_cumprod, schedule.alphas_cumprod.dtype)
+    prev = jnp.maximum(t_prev, 0)
+    abar_prev = jnp.where(t_prev >= 0, schedule.alphas_cumprod[prev], final)
+    one_minus_prev = jnp.where(t_prev >= 0, schedule.one_minus_alphas_cumprod[prev], 1.0 - final)
+    return (expand(schedule.alphas_cumprod[t]), expand(schedule.one_minus_alphas_cumprod[t]),
+            expand(abar_prev), expand(one_minus_prev))  # fmt: skip
+
+
+def _strided_beta(abar_t: jax.Array, om_t: jax.Array, abar_prev: jax.Array, om_prev: jax.Array) -> jax.Array:
+    """``beta'_t = 1 - abar_t / abar_{t'}``, in whichever form keeps float32 precision.
+
+    ``((1 - abar_t) - (1 - abar_{t'})) / abar_{t'}`` while ``abar_{t'} >= 1/2`` (near t = 0 the
+    ratio is within 1e-4 of 1 and ``1 - ratio`` loses digits), the ratio itself below (near
+    t = T the ``1 - abar`` values are within ``abar`` of 1 and their difference loses digits).
+    """
+    return jnp.where(abar_prev >= 0.5, (om_t - om_prev) / abar_prev, 1.0 - abar_t / abar_prev)
 
 
 def ddim_step(
@@ -241,23 +408,20 @@ def ddim_step(
     ndim = jnp.ndim(x_t)
     t = jnp.asarray(t)
     t_prev = jnp.asarray(t_prev)
-    abar_t = schedules_lib._expand_to(schedule.alphas_cumprod[t], ndim)
-    abar_prev = schedules_lib._expand_to(
-        _prev_alphas_cumprod(schedule, t_prev, final_alpha_cumprod), ndim
-    )
+    abar_t, om_t, abar_prev, om_prev = _abar_pair(schedule, t, t_prev, final_alpha_cumprod, ndim)
 
     x0_pred, eps_pred = schedules_lib.x0_and_eps_from_abar(
-        abar_t, model_output, x_t, prediction_type
+        abar_t, model_output, x_t, prediction_type, om_t
     )
     if clip_sample:
         x0_pred = jnp.clip(x0_pred, -clip_sample_range, clip_sample_range)
     if use_clipped_model_output:
-        eps_pred = (x_t - jnp.sqrt(abar_t) * x0_pred) / jnp.sqrt(1.0 - abar_t)
+        eps_pred = (x_t - jnp.sqrt(abar_t) * x0_pred) / jnp.sqrt(om_t)
 
-    variance = (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)
-    sigma = jnp.asarray(eta, abar_t.dtype) * jnp.sqrt(variance)
+    variance = om_prev / om_t * _strided_beta(abar_t, om_t, abar_prev, om_prev)
+    sigma = jnp.asarray(eta, abar_t.dtype) * jnp.sqrt(jnp.maximum(variance, 0.0))
     # Clamped: rounding can make the (mathematically >= 0) radicand slightly negative.
-    direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps_pred
+    direction = jnp.sqrt(jnp.maximum(om_prev - sigma**2, 0.0)) * eps_pred
     x_prev = jnp.sqrt(abar_prev) * x0_pred + direction
     if noise is not None:
         x_prev = x_prev + sigma * noise
@@ -321,21 +485,20 @@ def ddpm_step(
     ndim = jnp.ndim(x_t)
     t = jnp.asarray(t)
     t_prev = t - 1 if t_prev is None else jnp.asarray(t_prev)
-    abar_t = schedules_lib._expand_to(schedule.alphas_cumprod[t], ndim)
-    abar_prev = schedules_lib._expand_to(_prev_alphas_cumprod(schedule, t_prev, 1.0), ndim)
-    alpha_t = abar_t / abar_prev
-    beta_t = 1.0 - alpha_t
+    abar_t, om_t, abar_prev, om_prev = _abar_pair(schedule, t, t_prev, 1.0, ndim)
+    beta_t = _strided_beta(abar_t, om_t, abar_prev, om_prev)
+    alpha_t = 1.0 - beta_t
 
-    x0_pred, _ = schedules_lib.x0_and_eps_from_abar(abar_t, model_output, x_t, prediction_type)
+    x0_pred, _ = schedules_lib.x0_and_eps_from_abar(abar_t, model_output, x_t, prediction_type, om_t)
     if clip_sample:
         x0_pred = jnp.clip(x0_pred, -clip_sample_range, clip_sample_range)
 
-    x0_coeff = jnp.sqrt(abar_prev) * beta_t / (1.0 - abar_t)
-    xt_coeff = jnp.sqrt(alpha_t) * (1.0 - abar_prev) / (1.0 - abar_t)
+    x0_coeff = jnp.sqrt(abar_prev) * beta_t / om_t
+    xt_coeff = jnp.sqrt(alpha_t) * om_prev / om_t
     x_prev = x0_coeff * x0_pred + xt_coeff * x_t
     if noise is not None:
         if variance_type == "fixed_small":
-            variance = jnp.maximum((1.0 - abar_prev) / (1.0 - abar_t) * beta_t, 1e-20)
+            variance = jnp.maximum(om_prev / om_t * beta_t, 1e-20)
         else:
             variance = beta_t
         std = jnp.where(schedules_lib._expand_to(t, ndim) > 0, jnp.sqrt(variance), 0.0)
@@ -374,7 +537,9 @@ def _sample_loop(
         return x_prev, (x_prev if return_trajectory else None)
 
     x_0, trajectory = jax.lax.scan(body, x_T, (steps, ts, ts_prev))
-    return (x_0, trajectory) if return_trajectory else x_0
+    if not return_trajectory:
+        return x_0
+    return x_0, jnp.concatenate([x_T[None].astype(trajectory.dtype), trajectory], axis=0)
 
 
 def ddim_sample(
@@ -415,9 +580,10 @@ def ddim_sample(
       num_steps: static Python int in ``[1, T]``.
       eta, clip_sample, clip_sample_range, use_clipped_model_output, prediction_type,
         final_alpha_cumprod: as in :func:`ddim_step`.
-      return_trajectory: also return the state after every step, ``[num_steps, B, ...]``:
-        ``trajectory[i]`` is the result of the step from ``timesteps[i]`` (get ``timesteps``
-        from :func:`inference_timesteps` with the same arguments) and ``trajectory[-1] == x_0``.
+      return_trajectory: also return the states from ``x_T`` to ``x_0``, ``[num_steps + 1, B, ...]``:
+        ``trajectory[0] == x_T``, ``trajectory[i + 1]`` is the result of the step from
+        ``timesteps[i]`` (get ``timesteps`` from :func:`inference_timesteps` with the same
+        arguments) and ``trajectory[-1] == x_0``.
       guide_x_fn: optional ``(x_t, t) -> (x_t_guided, model_output)`` called *instead of*
         ``eps_fn``; the step then starts from ``x_t_guided`` (see
         ``guidance.gradient_guidance(form="notebook")``).
@@ -490,3 +656,16 @@ def ddpm_sample(
         )  # fmt: skip
 
     return _sample_loop(step, eps_fn, x_T, key, timesteps, True, return_trajectory, guide_x_fn)
+
+
+SAMPLE_FUNCTIONS: Mapping[str, Callable[..., Any]] = {
+    "ddim": ddim_sample,
+    "ddpm": ddpm_sample,
+    "dpm_solver": dpm_solver_sample,
+    "unipc": unipc_sample,
+    "euler": euler_sample,
+    "euler_ancestral": euler_sample,  # with ancestral=True (kwargs_from_diffusers_config sets it)
+    "heun": heun_sample,
+    "pndm": pndm_sample,
+}
+"""Sampler name -> sampling function, all called as ``f(eps_fn, schedule, x_T, key, **kwargs)``."""

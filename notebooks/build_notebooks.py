@@ -452,8 +452,8 @@ NB02 = [
     `sample(params, key)` is one compiled program: the whole sampling loop is a `lax.scan`. The
     same key gives the same images; another key, other images.
 
-    With `return_trajectory=True` it also returns the state after every step (mapped to [0, 1])
-    and the timesteps visited.
+    With `return_trajectory=True` it also returns every state from `x_T` to the sample (mapped to
+    [0, 1]) and the timestep each one is at (the sample's is -1).
     """),
     code('''
     NUM_IMAGES = 16
@@ -484,14 +484,14 @@ NB02 = [
 
     ## The trajectory: from noise to a digit
 
-    `trajectory[i]` is the state after the step from `timesteps[i]`; the last entry is the sample.
+    `trajectory[i]` is the state at `timesteps[i]`: `x_T` first, the sample last (at -1).
     """),
     code('''
     images, trajectory, timesteps = results["ddim", STEP_COUNTS[-1]]
     picks = np.unique(np.linspace(0, len(timesteps) - 1, 8).round().astype(int))
-    strip = trajectory[picks][:, :4]  # [8 steps, 4 images, H, W, C]
+    strip = trajectory[picks][:, :4]  # [8 states, 4 images, H, W, C]
     strip = np.swapaxes(strip, 0, 1).reshape(-1, *strip.shape[2:])  # one row per image
-    show(strip, "DDIM trajectory, after the steps from t = " + ", ".join(str(timesteps[i]) for i in picks),
+    show(strip, "DDIM trajectory, the states at t = " + ", ".join(str(timesteps[i]) for i in picks),
          ncols=len(picks));
     '''),
     code('''
@@ -899,8 +899,8 @@ NB04 = [
     `ddim_sample(eps_fn, book_cosine(1000), x_T, key, **book_ddim_kwargs())`: 50 "leading" steps
     (980, 960, ..., 0), `eta = 1` (fresh noise at every step, with the DDPM variance), the predicted
     `x0` clipped to [-1, 1] and the noise re-derived from the clipped `x0`
-    (`use_clipped_model_output=True`), as the book's scheduler does. `trajectory[i]` is the state
-    after the step from `timesteps[i]`.
+    (`use_clipped_model_output=True`), as the book's scheduler does. `trajectory[0]` is `x_T` and
+    `trajectory[i + 1]` the state after the step from `timesteps[i]`.
     """),
     code('''
     book_kwargs = samplers.book_ddim_kwargs()
@@ -922,7 +922,8 @@ NB04 = [
 
     SHOW_AT = (800, 600, 400, 200, 0)
     picks = [int(np.flatnonzero(timesteps == t)[0]) for t in SHOW_AT]
-    strip = np.swapaxes(np.asarray(trajectory)[picks], 0, 1).reshape(-1, size, size, 3)  # rows: images
+    after = [i + 1 for i in picks]  # trajectory[0] is x_T
+    strip = np.swapaxes(np.asarray(trajectory)[after], 0, 1).reshape(-1, size, size, 3)  # rows: images
     show(to_unit(strip), "after the steps from t = " + ", ".join(map(str, SHOW_AT)), ncols=len(SHOW_AT));
     '''),
     md("""
@@ -1191,12 +1192,271 @@ NB05 = [
     code(FOOTER),
 ]
 
+# ---------------------------------------------------------------------------------------------
+# 06: the music Transformer: events, training on Bach chorales, generation at two temperatures.
+# ---------------------------------------------------------------------------------------------
+
+NB06 = [
+    md("""
+    # 6. A music Transformer
+
+    *Runs in about 8 minutes on a 2-core CPU (about a minute with `JAXDIFF_NOTEBOOK_FAST=1`); the
+    first run also converts the Bach scores of music21's corpus to events, about 3 minutes, once.*
+
+    The book ends chapter 14 with a Transformer that writes piano music: MIDI is turned into a
+    stream of **performance events** (Oore et al. 2018; Huang et al. 2018, "Music Transformer"),
+    a decoder-only Transformer learns to predict the next event, and a temperature controls how
+    bold the sampled continuation is. This notebook walks that path in JAX with `jaxdiff.music`:
+
+    1. encode a piece into the book's 390-id vocabulary and look at the events,
+    2. train briefly on the Bach chorales that ship with music21 (no download),
+    3. continue a held-out prompt at temperatures 0.7 and 1.5, and look at the piano rolls.
+    """),
+    code(SETUP),
+    code(LOAD_CONFIG),
+    code("""
+    import collections
+
+    import jax
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from jaxdiff import music
+    from jaxdiff.music import data as music_data
+    from jaxdiff.music.roll import piano_roll
+
+    path = music_data.chorale_paths()[0]
+    ids = music.encode_midi(music_data.chorale_midi(path))
+    print(f"{path.name}: {len(ids)} events")
+    for i, name in enumerate(music.describe(ids[:16])):
+        print(f"{ids[i]:4d}  {name}")
+    kinds = collections.Counter(n.split()[0] for n in music.describe(ids))
+    print(dict(kinds))
+    """),
+    md("""
+    Four kinds of event: `note_on` and `note_off` (one per pitch), `time_shift` (10 ms to 1 s)
+    and `velocity` (32 loudness bins). Nearly every `note_on` follows a `velocity` event: the
+    book's encoder compares the previous *raw* velocity with the new *bin*, so it repeats the
+    velocity even when it does not change (`jaxdiff.music.encode_midi` keeps this quirk so that
+    weights trained with the book's code see the ids they were trained on; `book_quirks=False`
+    gives a corrected encoding). Decoding walks the events back into notes:
+    """),
+    code("""
+    notes = music.decode_notes(ids)
+    print(f"{len(notes)} notes, {notes[-1][3]:.1f} s; first: {notes[:3]}")
+    fig, ax = plt.subplots(figsize=(12, 3))
+    ax.imshow(piano_roll(ids[:300]), aspect="auto", interpolation="nearest")
+    ax.set_title(f"{path.stem}: the first 300 events as a piano roll (pitch up, time right)")
+    ax.set_axis_off();
+    """),
+    md("""
+    ## Training
+
+    `configs/music.py` is the embedded default: the 410 Bach scores, encoded once and cached in
+    `~/.cache/jaxdiff`, every tenth piece held out; windows of 256 events; a 4-block model of
+    the book's design (the book's own is `configs/music.py:book`, on MAESTRO). The loop is
+    the same `train_and_evaluate` as for diffusion (checkpoints, exact resume, `metrics.jsonl`);
+    the music task logs the held-out loss per token beside the loss of the unigram frequencies.
+    """),
+    code("""
+    from jaxdiff.train import train_and_evaluate
+
+    config = load_config("music", "smoke" if FAST else None)
+    if FAST:
+        config.train.num_steps, config.train.sample_every = 8, 4
+    else:
+        config.train.num_steps, config.train.sample_every = 300, 100
+    config.train.checkpoint_every = config.train.num_steps
+    workdir = RUNS / "06_music"
+    t0 = time.perf_counter()
+    state = train_and_evaluate(config, workdir)
+    print(f"trained to step {int(state.step)} in {time.perf_counter() - t0:.0f} s")
+    """),
+    code("""
+    import json
+
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], label="training loss")
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="held-out loss")
+    ax.axhline(evals[-1]["unigram_loss"], color="grey", ls="--", label="unigram baseline")
+    ax.set_xlabel("step"); ax.set_ylabel("nats per event"); ax.legend();
+    print({k: round(v, 3) for k, v in evals[-1].items() if k != "step"})
+    """),
+    md("""
+    ## Generation at two temperatures
+
+    `music.generate` is one `lax.scan` inside one `jit`: the prompt goes through the network
+    once, then each step feeds only the newest event and reads the earlier keys and values from
+    a cache (the book's loop reruns the whole prefix for every event). The prompt is the start
+    of a held-out chorale, decoded and encoded again as the book does. Events are drawn from
+    `softmax(logits / T)` over the 388 event ids: a low temperature keeps to the likeliest
+    moves, a high one takes risks.
+    """),
+    code("""
+    from jaxdiff.music.roll import save_piano_roll
+    from jaxdiff.music.training import build_music_model, held_out_prompt
+
+    model = build_music_model(config)
+    pieces = music_data.load_pieces(config.data, "validation")
+    prompt = held_out_prompt(pieces, config.sample.prompt_len)
+    fig, axes = plt.subplots(2, 1, figsize=(12, 6))
+    for ax, temperature in zip(axes, (0.7, 1.5)):
+        seq = np.asarray(music.generate(model, state.params, prompt[None], jax.random.key(0),
+                                        num_tokens=config.sample.num_tokens, temperature=temperature))[0]
+        out = workdir / f"continuation_T{temperature}.mid"
+        music.decode_midi(seq, path=out)
+        save_piano_roll(seq, out.with_suffix(".png"), prompt_len=len(prompt))
+        new = music.decode_notes(seq[len(prompt):])
+        print(f"T={temperature}: {len(new)} new notes, pitches {min((n[1] for n in new), default=0)}-"
+              f"{max((n[1] for n in new), default=0)}, written to {out}")
+        ax.imshow(piano_roll(seq, len(prompt)), aspect="auto", interpolation="nearest")
+        ax.set_title(f"temperature {temperature}: prompt (blue) and continuation (orange)")
+        ax.set_axis_off()
+    """),
+    md("""
+    Listen to the `.mid` files in any MIDI player. The book's weights, if you have them
+    (`musicTrans.pth`), load with `music.music_params_from_torch` into `music.MusicTransformer()`;
+    `scripts/generate_music.py --checkpoint=musicTrans.pth` does it from the command line.
+    """),
+    code(FOOTER),
+]
+
+# ---------------------------------------------------------------------------------------------
+# 07: text-to-image: a Stable Diffusion pipeline folder, its three components.
+# ---------------------------------------------------------------------------------------------
+
+NB07 = [
+    md("""
+    # 7. Text-to-image: latent diffusion from a Stable Diffusion folder
+
+    *Runs in about a minute on a laptop CPU with the random stand-in pipeline (under a minute with
+    `JAXDIFF_NOTEBOOK_FAST=1`). With a real Stable Diffusion folder (set `JAXDIFF_SD_CHECKPOINT`)
+    use a GPU: 30 steps of a 512x512 image are minutes on a CPU.*
+
+    The book closes its diffusion chapter with text-to-image models, built from three parts:
+
+    1. a **text encoder** (CLIP) turns the prompt into vectors,
+    2. the **image generator** (a U-Net) reads those vectors through attention,
+    3. a **diffusion process** refines noise into an image, step by step.
+
+    Latent diffusion (Rombach et al. 2022) is the open form of that system, and diffusers'
+    `StableDiffusionPipeline` folders are what people have on disk. `pretrained.load_text_to_image`
+    reads one (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) into JAX; below, one
+    cell per part.
+
+    Get real weights once with
+    `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir checkpoints/sd15`
+    and set `JAXDIFF_SD_CHECKPOINT=checkpoints/sd15`. Without them (and always in FAST mode) the
+    notebook writes a small pipeline with random weights using diffusers itself, so the files are
+    in exactly the format the hub serves; its pictures are noise, but every step is the real one.
+    """),
+    code(SETUP),
+    code(SHOW),
+    code("""
+    import shutil
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff import pretrained
+    from jaxdiff.text_to_image import write_random_pipeline
+
+    CHECKPOINT = os.environ.get("JAXDIFF_SD_CHECKPOINT")
+    if CHECKPOINT and not FAST:
+        folder = Path(CHECKPOINT)
+        print(f"using the pipeline in {folder}")
+    else:
+        folder = RUNS / "07_text_to_image" / "random-sd"
+        shutil.rmtree(folder, ignore_errors=True)
+        write_random_pipeline(folder, "sd1", "tiny" if FAST else "small")
+        print(f"random-weight stand-in written to {folder}: {sorted(p.name for p in folder.iterdir())}")
+
+    pipe = pretrained.load_text_to_image(folder, dtype=jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
+    for name in ("text_encoder", "unet", "vae"):
+        count = sum(p.size for p in jax.tree.leaves(pipe.params[name]))
+        print(f"{name:13s} {type(getattr(pipe, name)).__name__:16s} {count:>13,} parameters")
+    print(f"scheduler: {pipe.sampler}, images {pipe.height}x{pipe.width}")
+    """),
+    md("""
+    ## 1. The text encoder
+
+    The prompt becomes 77 token ids (start token, BPE tokens, end token, then padding with the
+    tokenizer's own pad token), and CLIP's causal text transformer turns them into one vector per
+    token: `[N, 77, D]` hidden states. The U-Net reads all 77 of them, not a single pooled vector.
+    """),
+    code("""
+    prompts = ["a watercolour painting of a fox in the snow", "a photo of a red bicycle"]
+    ids = pipe.tokenize(prompts)
+    print("ids", ids.shape, ids.dtype, ids[0, :12].tolist(), "...")
+    context = pipe.encode_text(pipe.params, ids)
+    print("text hidden states", context.shape, context.dtype)
+    empty = pipe.encode_text(pipe.params, pipe.tokenize([""]))
+    cosine = jnp.sum(context * empty, -1) / (jnp.linalg.norm(context, axis=-1) * jnp.linalg.norm(empty, axis=-1))
+    print("per-token cosine to the empty prompt, first 8 tokens:", np.round(np.asarray(cosine[0, :8]), 3))
+    """),
+    md("""
+    ## 2. The image generator: a U-Net with cross-attention
+
+    The U-Net works on latents, 8 times smaller than the image per side for Stable Diffusion
+    (4 channels). Inside each of its transformer blocks, the second attention takes its queries
+    from the image positions and its keys and values from the text vectors: this is where the
+    prompt enters. Same noisy latents, two prompts, two different predictions:
+    """),
+    code("""
+    shape = pipe.latent_shape(1)
+    z_t = jax.random.normal(jax.random.key(0), shape)
+    unet = jax.jit(pipe.unet.apply)
+    eps_fox = unet({"params": pipe.params["unet"]}, z_t, 500, context[:1])
+    eps_bike = unet({"params": pipe.params["unet"]}, z_t, 500, context[1:])
+    print("latents", z_t.shape, "-> prediction", eps_fox.shape)
+    print("relative change from the prompt:", float(jnp.linalg.norm(eps_fox - eps_bike) / jnp.linalg.norm(eps_fox)))
+    """),
+    md("""
+    ## 3. The diffusion process, then back to pixels
+
+    `pipe(...)` is one jitted program: encode the prompts (and the negative prompt, empty by
+    default), run the folder's sampler (PLMS for SD 1.x folders, DDIM for SD 2.x) as a `lax.scan`
+    with classifier-free guidance, `eps = eps_uncond + w (eps_text - eps_uncond)` computed in one
+    batched U-Net call per step, then decode the latents with the VAE. `guidance_scale <= 1`
+    drops the unconditional half.
+    """),
+    code("""
+    NUM_STEPS = 4 if FAST else 30
+    t0 = time.perf_counter()
+    images = pipe(pipe.params, jax.random.key(1), ids, num_steps=NUM_STEPS, guidance_scale=7.5)
+    images = np.asarray(images)
+    print(f"{len(images)} images {images.shape[1:]} in {time.perf_counter() - t0:.1f} s (with compilation)")
+    unguided = np.asarray(pipe(pipe.params, jax.random.key(1), ids, num_steps=NUM_STEPS, guidance_scale=1.0))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    show(images, "guidance 7.5", ax=axes[0])
+    show(unguided, "no guidance", ax=axes[1]);
+    """),
+    md("""
+    The VAE alone: `pipe.vae.apply(..., method="encode")` gives the latent mean of an image and
+    `method="decode"` maps latents back (divided by `scaling_factor` first, as the sampler's
+    latents are scaled). A round trip of a generated image:
+    """),
+    code("""
+    vae_params = {"params": pipe.params["vae"]}
+    mean = pipe.vae.apply(vae_params, jnp.asarray(images) * 2 - 1, method="encode")
+    back = pipe.vae.apply(vae_params, mean, method="decode")
+    print("latent", mean.shape, "scaling_factor", pipe.vae.scaling_factor)
+    print("round-trip mean |error| in [0, 1] units:", float(jnp.mean(jnp.abs((back + 1) / 2 - images))))
+    """),
+    code(FOOTER),
+]
+
 NOTEBOOKS = {
     "01_noise_and_denoise": NB01,
     "02_train_and_sample_digits": NB02,
     "03_guidance": NB03,
     "04_book_flowers": NB04,
     "05_pretrained_and_finetune": NB05,
+    "06_music_transformer": NB06,
+    "07_text_to_image": NB07,
 }
 
 
@@ -1232,9 +1492,15 @@ def render(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that the notebooks are up to date")
+    parser.add_argument("names", nargs="*", help="only these notebooks (e.g. 07_text_to_image; default: all)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(NOTEBOOKS))
+    if unknown:
+        parser.error(f"unknown notebooks {unknown}; known: {sorted(NOTEBOOKS)}")
     stale = []
     for name, cells in NOTEBOOKS.items():
+        if args.names and name not in args.names:
+            continue
         path = HERE / f"{name}.ipynb"
         text = render(name)
         if args.check:

@@ -40,6 +40,20 @@ hands to the YNNPACK library: ``auto`` as the library, ``off``, ``dot`` or ``jax
 :func:`jaxdiff.train.cpu_fusion_mode`). ``--sweep`` varies each option alone from the base
 configuration, then measures all the options that helped together, and reports the best configuration.
 
+Text-to-image (``--task=text_to_image``): UNet2DCondition's forward pass on a guided step's batch
+and the whole Stable Diffusion pipeline (``--t2i_steps`` steps with classifier-free guidance, text
+encoder and VAE included), jaxdiff against diffusers' PyTorch ``StableDiffusionPipeline`` loading
+the same random-weight folder, in one run (:func:`text_to_image_benchmark`)::
+
+    python scripts/benchmark.py --task=text_to_image                      # CPU: 'small', 64x64
+    python scripts/benchmark.py --task=text_to_image --dtype=bfloat16     # GPU: SD 1.5 sizes, 512x512
+
+Music (``--task=music``): the music Transformer's KV-cached generation against the book's
+recompute loop in PyTorch, and its training step against PyTorch's, interleaved in one run
+(``scripts/music_benchmark.py``)::
+
+    python scripts/benchmark.py --task=music --repeats=2
+
 Timings on a CPU shared with other processes are noisy; compare only ratios from one run.
 """
 
@@ -364,7 +378,7 @@ def jax_sampling_benchmark(config: ml_collections.ConfigDict, opts: Options, par
     sampler = make_sampler(config, model=model)
     key = jax.random.key(2)
     start = time.perf_counter()
-    compiled = sampler.lower(params, key).compile(compiler_options=_compiler_options(opts))
+    compiled = sampler.compile(params, key, compiler_options=_compiler_options(opts))
     compile_s = time.perf_counter() - start
     run = lambda: compiled(params, key)
     images = jax.block_until_ready(run())  # warm-up
@@ -385,7 +399,7 @@ def jax_sampling_benchmark(config: ml_collections.ConfigDict, opts: Options, par
         "compile_seconds": compile_s,
         "flops_per_image": flops_per_image,
         **_rates(flops_per_image, images_per_sec, jax.local_devices()[0].device_kind, opts.dtype),
-        "compiled_bytes": _compiled_bytes(compiled),
+        "compiled_bytes": _compiled_bytes(compiled.executable),
         "peak_bytes_in_use": _peak_bytes_in_use(),
         "images_finite": bool(np.isfinite(np.asarray(images)).all()),
     }
@@ -1037,12 +1051,206 @@ def benchmark(config: ml_collections.ConfigDict, opts: Options, *, model_name: s
     return result
 
 
+# ---------------------------------------------------------------------------------------------
+# Text-to-image (--task=text_to_image): UNet2DCondition and the whole pipeline vs diffusers.
+# ---------------------------------------------------------------------------------------------
+
+# Stable Diffusion 1.5's U-Net, VAE and text encoder (configs as on the hub), for random-weight
+# full-size runs on an accelerator (``--t2i_size=sd15``).
+SD15_CONFIGS: dict[str, dict[str, Any]] = {
+    "unet": {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8,
+             "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2},
+    "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "sample_size": 512},
+    "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                     "num_hidden_layers": 12, "hidden_act": "quick_gelu", "max_position_embeddings": 77},
+    "scheduler": {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "skip_prk_steps": True,
+                  "steps_offset": 1},
+}
+
+
+def random_sd15_pipeline(dtype: Any) -> Any:
+    """A Stable Diffusion 1.5-sized :class:`jaxdiff.text_to_image.TextToImage` with random weights
+    (initialised by JAX: no folder, no PyTorch)."""
+    from jaxdiff.clip import CLIPTextEncoder, Tokenizer
+    from jaxdiff.models import AutoencoderKL, UNet2DCondition
+    from jaxdiff.text_to_image import TextToImage, pipeline_scheduler_config
+
+    unet = UNet2DCondition.from_config(SD15_CONFIGS["unet"], dtype=dtype, param_dtype=dtype)
+    vae = AutoencoderKL.from_config(SD15_CONFIGS["vae"], dtype=dtype, param_dtype=dtype)
+    text = CLIPTextEncoder.from_config(SD15_CONFIGS["text_encoder"], dtype=dtype, param_dtype=dtype)
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {
+        "unet": jax.jit(unet.init)(keys[0], jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, 768)))["params"],
+        "vae": jax.jit(vae.init)(keys[1], jnp.zeros((1, 8, 8, 3)))["params"],
+        "text_encoder": jax.jit(text.init)(keys[2], jnp.zeros((1, 77), jnp.int32))["params"],
+    }
+    return TextToImage(text_encoder=text, unet=unet, vae=vae, tokenizer=Tokenizer(pad_token_id=49407),
+                       scheduler_config=pipeline_scheduler_config(SD15_CONFIGS["scheduler"]), params=params,
+                       height=512, width=512, sampler="PNDMScheduler")
+
+
+def text_to_image_benchmark(size: str = "small", *, batch: int = 1, steps: int = 30, guidance_scale: float = 7.5,
+                            dtype: str = "float32", unet_iters: int = 5, repeats: int = 3, peer: bool = True,
+                            torch_threads: int = 0, pipeline: bool = True) -> dict[str, Any]:
+    """Seconds and images/s of the U-Net forward (the CFG batch, ``2 * batch``) and of the whole
+    pipeline (``steps`` sampler steps with guidance, text encoding and VAE decoding included),
+    jaxdiff and diffusers' PyTorch ``StableDiffusionPipeline`` on the same weights and device.
+
+    ``size``: a key of :data:`jaxdiff.text_to_image.RANDOM_PIPELINE_SIZES` (a random SD 1.x-style
+    pipeline written by diffusers, so both sides load the same folder), or ``"sd15"`` (Stable
+    Diffusion 1.5's sizes at 512x512, random weights initialised by JAX; jaxdiff only).
+    """
+    import tempfile
+
+    from jaxdiff import pretrained
+    from jaxdiff.text_to_image import write_random_pipeline
+
+    jdtype = getattr(jnp, dtype)
+    result: dict[str, Any] = {"machine": machine_info(), "size": size, "batch": batch, "steps": steps,
+                              "guidance_scale": guidance_scale, "dtype": dtype}
+    torch_pipe = None
+    with tempfile.TemporaryDirectory() as folder:
+        if size == "sd15":
+            pipe = random_sd15_pipeline(jdtype)
+        else:
+            written = write_random_pipeline(folder, "sd1", size)
+            torch_pipe = written if peer else None
+            pipe = pretrained.load_text_to_image(folder, dtype=jdtype)
+    result["image_size"] = [pipe.height, pipe.width]
+    result["num_params"] = {k: int(sum(p.size for p in jax.tree.leaves(v))) for k, v in pipe.params.items()}
+
+    # The U-Net forward on the batch a guided step feeds it.
+    rng = np.random.default_rng(0)
+    latent = pipe.latent_shape(2 * batch)
+    x = rng.standard_normal(latent).astype(np.float32)
+    width = pipe.text_encoder.hidden_size
+    context = rng.standard_normal((2 * batch, pipe.tokenizer.context_length, width)).astype(np.float32)
+    t = np.full((2 * batch,), 500, np.int32)
+    forward = jax.jit(pipe.unet.apply)
+    start = time.perf_counter()
+    compiled = forward.lower({"params": pipe.params["unet"]}, x, t, context).compile()
+    unet_compile = time.perf_counter() - start
+    run = lambda: compiled({"params": pipe.params["unet"]}, x, t, context)  # noqa: E731
+    jax.block_until_ready(run())
+    seconds, windows, out = _best_window(run, unet_iters, repeats)
+    jax_res: dict[str, Any] = {"unet": {"seconds": seconds, "windows": windows, "compile_seconds": unet_compile,
+                                        "images_per_sec": 2 * batch / seconds,
+                                        "finite": bool(np.isfinite(np.asarray(out)).all())}}
+    if pipeline:
+        ids = pipe.tokenize(["a photo of an astronaut riding a horse"] * batch)
+        call = lambda: pipe(pipe.params, jax.random.key(0), ids, num_steps=steps, guidance_scale=guidance_scale)  # noqa: E731
+        start = time.perf_counter()
+        images = jax.block_until_ready(call())  # compiles
+        first = time.perf_counter() - start
+        seconds, windows, images = _best_window(call, 1, repeats)
+        jax_res["pipeline"] = {"seconds": seconds, "windows": windows, "first_call_seconds": first,
+                               "images_per_sec": batch / seconds, "finite": bool(np.isfinite(np.asarray(images)).all())}
+    result["jaxdiff"] = jax_res
+
+    if torch_pipe is not None:
+        import torch
+
+        device = _torch_device()
+        torch_pipe = torch_pipe.to(device)
+        xt, tt, ct = (torch.from_numpy(np.ascontiguousarray(a)).to(device)
+                      for a in (x.transpose(0, 3, 1, 2), t.astype(np.int64), context))
+
+        def torch_forward():
+            with torch.inference_mode():
+                return torch_pipe.unet(xt, tt, ct).sample
+
+        probe = choose_torch_threads(torch_forward, Options(torch_threads=torch_threads), device)
+        torch_forward()
+        _torch_sync(device)
+        seconds, windows, _ = _best_window(torch_forward, unet_iters, repeats, sync=lambda _: _torch_sync(device))
+        peer_res: dict[str, Any] = {"unet": {"seconds": seconds, "windows": windows, "images_per_sec": 2 * batch / seconds},
+                                    "torch_threads": torch.get_num_threads(), "torch_threads_probe_seconds": probe,
+                                    "device": device}
+        if pipeline:
+            prompts = ["a photo of an astronaut riding a horse"] * batch
+
+            def torch_call():
+                with torch.inference_mode():
+                    return torch_pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale,
+                                      output_type="np", generator=torch.Generator(device).manual_seed(0)).images
+
+            torch_call()
+            _torch_sync(device)
+            seconds, windows, _ = _best_window(torch_call, 1, repeats, sync=lambda _: _torch_sync(device))
+            peer_res["pipeline"] = {"seconds": seconds, "windows": windows, "images_per_sec": batch / seconds}
+        result["peer"] = peer_res
+        result["ratios"] = {part: jax_res[part]["images_per_sec"] / peer_res[part]["images_per_sec"]
+                            for part in ("unet", "pipeline") if part in peer_res and part in jax_res}
+    result["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return result
+
+
+def format_text_to_image_table(result: Mapping[str, Any]) -> str:
+    """A human-readable table of :func:`text_to_image_benchmark`'s result."""
+    m = result["machine"]
+    lines = [
+        (f"machine: {m['cpu']} ({m['cpu_count']} CPUs), backend {m['backend']}, {m['num_local_devices']} x "
+         f"{m['device_kind']}; jax {m['jax']}" + (f", torch {m['torch']}" if "torch" in m else "")
+         + f"; load average {m.get('load_average')} -> {m.get('load_average_end')}"),
+        (f"text-to-image '{result['size']}': {result['image_size'][0]}x{result['image_size'][1]} images, batch "
+         f"{result['batch']} (U-Net batch {2 * result['batch']}), {result['steps']} steps, guidance "
+         f"{result['guidance_scale']}, dtype {result['dtype']}; parameters {result['num_params']}"),
+    ]
+    peer = result.get("peer")
+    if peer:
+        lines.append(f"peer: diffusers StableDiffusionPipeline, eager PyTorch on {peer['device']}, "
+                     f"{peer['torch_threads']} thread(s)")
+    rows = [("", "jaxdiff", "diffusers", "jaxdiff/diffusers")]
+    for part, label in (("unet", "U-Net forward images/s"), ("pipeline", "pipeline images/s")):
+        if part not in result["jaxdiff"]:
+            continue
+        jv = result["jaxdiff"][part]["images_per_sec"]
+        pv = peer[part]["images_per_sec"] if peer and part in peer else None
+        ratio = result.get("ratios", {}).get(part)
+        rows.append((label, _fmt(jv), _fmt(pv), _fmt(ratio) if ratio else "-"))
+    j = result["jaxdiff"]
+    rows.append(("U-Net compile s", _fmt(j["unet"]["compile_seconds"]), "-", "-"))
+    if "pipeline" in j:
+        rows.append(("pipeline first call s", _fmt(j["pipeline"]["first_call_seconds"]), "-", "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines)
+
+
 def _main(argv) -> None:  # pragma: no cover - exercised by hand; tests call the functions.
     del argv
     from absl import flags
 
     f = flags.FLAGS
     gpu = jax.default_backend() != "cpu"
+    if f.task == "music":  # scripts/music_benchmark.py: generation and training vs the book's PyTorch code
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import music_benchmark
+
+        result = music_benchmark.music_benchmark(f.music_size, prompt_len=f.music_prompt_len, num_tokens=f.music_tokens,
+                                                 rounds=f.repeats, torch_threads=f.torch_threads)  # fmt: skip
+        print(music_benchmark.format_table(result))
+        if f.json:
+            with open(f.json, "w") as fh:
+                json.dump(result, fh, indent=1, default=str)
+            print(f"wrote {f.json}")
+        return
+    if f.task == "text_to_image":
+        size = f.t2i_size or ("sd15" if gpu else "small")
+        result = text_to_image_benchmark(size, batch=f.t2i_batch, steps=f.t2i_steps, dtype=f.dtype, repeats=f.repeats,
+                                         peer=f.peer and size != "sd15", torch_threads=f.torch_threads,
+                                         pipeline=f.t2i_pipeline)
+        print(format_text_to_image_table(result))
+        if f.json:
+            with open(f.json, "w") as fh:
+                json.dump(result, fh, indent=1, default=str)
+            print(f"wrote {f.json}")
+        return
     if f.config is not None:
         config, name = f.config, "config"
     else:
@@ -1098,4 +1306,16 @@ if __name__ == "__main__":
     flags.DEFINE_bool("attention_share", False, "Only time train steps with and without the attention "
                       "kernels, jaxdiff and the book's PyTorch U-Net (README, Performance).")
     flags.DEFINE_string("json", None, "Write the full result as JSON here.")
+    flags.DEFINE_enum("task", "unet", ["unet", "text_to_image", "music"], "unet: the U-Net benchmark above; "
+                      "text_to_image: UNet2DCondition and the Stable Diffusion pipeline vs diffusers; music: the "
+                      "music Transformer's generation and training vs the book's PyTorch code.")
+    flags.DEFINE_enum("music_size", "default", ["tiny", "default", "book"], "music: the embedded default's model "
+                      "(configs/music.py) or the book's 20.4M model.")
+    flags.DEFINE_integer("music_prompt_len", 250, "music: prompt events before generation.")
+    flags.DEFINE_integer("music_tokens", 1000, "music: new tokens generated per timed call.")
+    flags.DEFINE_enum("t2i_size", None, ["tiny", "small", "sd15"], "text_to_image: random pipeline size (default: "
+                      "small on CPU, Stable Diffusion 1.5's sizes elsewhere).")
+    flags.DEFINE_integer("t2i_batch", 1, "text_to_image: images per prompt batch (the U-Net sees twice as many).")
+    flags.DEFINE_integer("t2i_steps", 30, "text_to_image: sampler steps of the pipeline.")
+    flags.DEFINE_bool("t2i_pipeline", True, "text_to_image: also time the whole pipeline (not only the U-Net).")
     app.run(_main)

@@ -5,11 +5,14 @@
         --guidance_scale=3 --out=cond.png --npz=cond.npz
     python scripts/sample.py --workdir=runs/flowers --num_images=10 --steps=50 --eta=1 \
         --trajectory --out=flowers.png       # the book's figure: t = 800, 600, 400, 200, 0
+    python scripts/sample.py --workdir=runs/digits --sampler=dpm++2m --karras --steps=10
 
 Flags: --labels (comma-separated class indices, cycled over the images; conditional models
-only), --guidance_scale (classifier-free guidance), --steps, --eta, --sampler (ddim/ddpm),
+only), --guidance_scale (classifier-free guidance), --steps, --eta (DDIM), --sampler (ddim, ddpm,
+dpm++2m, dpm++3m, dpm++sde, unipc, euler, euler_a, heun, pndm), --karras (Karras noise levels),
 --seed, --npz (uint8 images [N, H, W, C] and labels), --trajectory (writes OUT_trajectory.png:
-one row per image, columns at t = 800, 600, 400, 200, 0 or the nearest visited timesteps).
+one row per image, columns: the states after the steps from t = 800, 600, 400, 200, 0 or the
+nearest visited timesteps; the last column is the sample).
 
 CLIP guidance (the hands-on notebook's text steering), with weights on local disk:
 
@@ -25,6 +28,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from jaxdiff.builders import SAMPLERS
+
 flags.DEFINE_string("workdir", None, "A scripts/train.py workdir (config.json + checkpoints/).")
 flags.DEFINE_integer("num_images", 64, "How many images.")
 flags.DEFINE_string("out", "samples.png", "Output PNG grid.")
@@ -32,7 +37,8 @@ flags.DEFINE_string("labels", None, "Comma-separated class indices (conditional 
 flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (needs --labels).")
 flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's).")
 flags.DEFINE_float("eta", None, "DDIM eta (0 deterministic, 1 DDPM-like).")
-flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Sampler (default: the config's).")
+flags.DEFINE_enum("sampler", None, list(SAMPLERS), "Sampler (default: the config's).")
+flags.DEFINE_bool("karras", None, "Karras et al. noise levels (dpm++*, unipc, euler*, heun; default: the config's).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("npz", None, "Also write images (uint8) and labels to this .npz file.")
 flags.DEFINE_bool("trajectory", False, "Also write a strip of intermediate states.")
@@ -74,6 +80,15 @@ def _clip_guidance():
     return lambda eps_fn: guidance.gradient_guidance(eps_fn, loss_fn, FLAGS.clip_scale, schedule)
 
 
+def _parse_labels(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--labels={text!r} must be comma-separated class indices, e.g. --labels=0,1,2.") from None
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -83,8 +98,8 @@ def main(argv):
     from jaxdiff import images as images_lib
     from jaxdiff.sampling import load_sampler
 
-    labels = [int(v) for v in FLAGS.labels.split(",")] if FLAGS.labels else None
     try:
+        labels = _parse_labels(FLAGS.labels)
         guidance_fn = _clip_guidance() if FLAGS.clip_prompt else None
         sample, params = load_sampler(
             FLAGS.workdir,
@@ -92,6 +107,7 @@ def main(argv):
             num_steps=FLAGS.steps,
             eta=FLAGS.eta,
             sampler=FLAGS.sampler,
+            use_karras_sigmas=FLAGS.karras,
             labels=labels,
             guidance_scale=FLAGS.guidance_scale,
             return_trajectory=FLAGS.trajectory,
@@ -117,17 +133,14 @@ def main(argv):
 
     if trajectory is not None:
         timesteps = np.asarray(timesteps)
-        # trajectory[i] is the state after the step from timesteps[i]; show the state *at* t,
-        # i.e. after the step from the visited timestep just above t (t = 0: the final image).
-        cols = []
-        for t in TRAJECTORY_TIMES:
-            i = int(np.argmin(np.abs(timesteps - t)))
-            cols.append(np.asarray(trajectory[i]))
-        strip = np.stack(cols, axis=1).reshape((-1,) + images.shape[1:])  # row per image
+        # trajectory[i] is the state at timesteps[i] (x_T first, the sample last, at -1); the book's
+        # figure shows the states after the steps from t = 800, 600, 400, 200, 0 (the last: the sample).
+        visited = timesteps[:-1]
+        picks = [int(np.argmin(np.abs(visited - t))) for t in TRAJECTORY_TIMES]
+        strip = np.stack([np.asarray(trajectory[i + 1]) for i in picks], axis=1).reshape((-1,) + images.shape[1:])
         tpath = Path(FLAGS.out).with_name(Path(FLAGS.out).stem + "_trajectory.png")
         images_lib.save_image_grid(strip, tpath, ncols=len(TRAJECTORY_TIMES))
-        shown = [int(timesteps[int(np.argmin(np.abs(timesteps - t)))]) for t in TRAJECTORY_TIMES]
-        print(f"Wrote {tpath} (columns: after the steps from t = {shown}).")
+        print(f"Wrote {tpath} (columns: after the steps from t = {[int(visited[i]) for i in picks]}).")
 
 
 if __name__ == "__main__":

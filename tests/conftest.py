@@ -28,23 +28,14 @@ import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = REPO.parent / "shared" / "reference"
+REFERENCE_DIR = REPO / "tests" / "data"
 
 
 def reference_file(name: str) -> Path:
-    """A file of the book's reference data (``shared/reference/`` beside the repository).
-
-    Missing data skips the test on a developer's machine but fails it in CI (``CI=true``), so a
-    parity test can never pass by being skipped there.
-    """
-    import pytest
-
+    """A file of the book's reference data, shipped in ``tests/data/`` (see its README)."""
     path = REFERENCE_DIR / name
     if not path.exists():
-        message = f"reference data not found at {path} (expects shared/reference/ beside the repository)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        raise FileNotFoundError(f"reference data {path} is missing from the repository (tests/data/).")
     return path
 
 

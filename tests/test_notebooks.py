@@ -69,8 +69,8 @@ def _kernel_manager(kernels_dir: Path):
     return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=ksm)
 
 
-def test_there_are_five_notebooks():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"], NOTEBOOKS
+def test_every_notebook_is_here():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"], NOTEBOOKS
 
 
 def test_notebooks_match_their_generator_and_have_no_outputs():

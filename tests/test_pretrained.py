@@ -335,3 +335,34 @@ def test_finetune_config_lowers_the_loss_and_resumes(tmp_path):
     t = np.array([10])
     model = train_lib.build_model(config)
     np.testing.assert_allclose(_torch_output(reloaded, x, t), _apply(model, state.params, x, t), atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+def test_scheduler_class_of_a_folder_selects_the_sampler(tmp_path):
+    """A folder's scheduler_config.json names the sampler: every class jaxdiff runs, with its settings."""
+    from jaxdiff import samplers
+
+    cases = [
+        (diffusers.DDIMScheduler(set_alpha_to_one=False, clip_sample=False), "ddim", {"clip_sample": False}),
+        (diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True, solver_order=3), "dpm_solver",
+         {"use_karras_sigmas": True, "order": 3, "algorithm_type": "dpmsolver++"}),
+        (diffusers.UniPCMultistepScheduler(solver_type="bh1"), "unipc", {"solver_type": "bh1", "predict_x0": True}),
+        (diffusers.EulerDiscreteScheduler(timestep_spacing="trailing"), "euler", {"spacing": "trailing", "ancestral": False}),
+        (diffusers.EulerAncestralDiscreteScheduler(), "euler_ancestral", {"ancestral": True}),
+        (diffusers.HeunDiscreteScheduler(prediction_type="v_prediction"), "heun", {"prediction_type": "v_prediction"}),
+        (diffusers.PNDMScheduler(skip_prk_steps=True, steps_offset=1), "pndm", {"steps_offset": 1, "spacing": "leading"}),
+    ]  # fmt: skip
+    for scheduler, name, expected in cases:
+        scheduler.save_pretrained(tmp_path / name / "scheduler")
+        scheduler_config = pretrained.read_scheduler_config(tmp_path / name)
+        sampler, kwargs = scheduler_config.sampler()
+        assert sampler == name and expected.items() <= kwargs.items(), (name, kwargs)
+        run = functools.partial(samplers.SAMPLE_FUNCTIONS[sampler], lambda x, t: x, scheduler_config.schedule(),
+                                key=jax.random.key(0), num_steps=5, **kwargs)  # fmt: skip
+        assert jax.eval_shape(run, jax.ShapeDtypeStruct((1, 4), jnp.float32)).shape == (1, 4)  # the settings run
+    _, kwargs = pretrained.read_scheduler_config(tmp_path / "ddim").sampler()
+    schedule = pretrained.read_scheduler_config(tmp_path / "ddim").schedule()
+    assert kwargs["final_alpha_cumprod"] == pytest.approx(float(schedule.alphas_cumprod[0]))  # set_alpha_to_one=False
+    diffusers.LMSDiscreteScheduler().save_pretrained(tmp_path / "lms" / "scheduler")
+    with pytest.raises(ValueError, match=r"'LMSDiscreteScheduler' is not supported yet; supported: \[.*'DDIMScheduler'"):
+        pretrained.read_scheduler_config(tmp_path / "lms").sampler()

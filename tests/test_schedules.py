@@ -177,7 +177,7 @@ def test_get_and_from_diffusers_config():
 def test_schedule_is_a_pytree_usable_in_jit():
     s = schedules.linear(100)
     leaves = jax.tree.leaves(s)
-    assert len(leaves) == 3
+    assert len(leaves) == 4  # betas, alphas, alphas_cumprod, one_minus_alphas_cumprod
     f = jax.jit(lambda s, x0, n, t: schedules.add_noise(s, x0, n, t))
     x0, n = jnp.ones((2, 3)), jnp.zeros((2, 3))
     out = f(s, x0, n, jnp.array([0, 99]))
@@ -272,8 +272,10 @@ def test_conversions_round_trip(ts, seed):
     out = _all_conversions(t, x0, eps)
     x0, eps, v = np.asarray(x0), np.asarray(eps), np.asarray(out["v"])
     abar = np.asarray(_SCHEDULE.alphas_cumprod, np.float64)[ts][:, None, None, None]
-    np.testing.assert_allclose(np.asarray(out["x_t"]), np.sqrt(abar) * x0 + np.sqrt(1 - abar) * eps, atol=1e-6)
-    np.testing.assert_allclose(v, np.sqrt(abar) * eps - np.sqrt(1 - abar) * x0, atol=1e-6)
+    one_minus = np.asarray(_SCHEDULE.one_minus_alphas_cumprod, np.float64)[ts][:, None, None, None]
+    np.testing.assert_allclose(one_minus, 1 - abar, atol=1e-7)  # the same quantity, more digits
+    np.testing.assert_allclose(np.asarray(out["x_t"]), np.sqrt(abar) * x0 + np.sqrt(one_minus) * eps, atol=1e-6)
+    np.testing.assert_allclose(v, np.sqrt(abar) * eps - np.sqrt(one_minus) * x0, atol=1e-6)
 
     tol = dict(atol=2e-3, rtol=0)  # x0 from eps divides by sqrt(abar_t) >= 0.02 at t <= 998
     np.testing.assert_allclose(np.asarray(out["x0_from_eps"]), x0, **tol)
@@ -317,3 +319,14 @@ def test_add_noise_per_sample_broadcast(t0, batch):
     # scalar t broadcasts over the whole batch
     out_scalar = schedules.add_noise(s, x0, noise, t0)
     np.testing.assert_allclose(np.asarray(out_scalar)[0], np.asarray(schedules.add_noise(s, x0, noise, jnp.full(batch, t0)))[0])
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
+def test_one_minus_alphas_cumprod_keeps_float32_relative_precision(name):
+    """1 - abar_t is formed in float64 before the cast: relative error ~1e-7 even where abar_t ~ 1."""
+    s = schedules.get(name, 1000)
+    expected = 1.0 - np.cumprod(1.0 - np.asarray(s.betas, np.float64))  # the float32 betas, in float64
+    ours = np.asarray(s.one_minus_alphas_cumprod, np.float64)
+    np.testing.assert_allclose(ours[:4], expected[:4], rtol=2e-6)
+    naive = 1.0 - np.asarray(s.alphas_cumprod, np.float64)  # from the float32 abar: few digits at t ~ 0
+    assert np.max(np.abs(naive[:4] / expected[:4] - 1)) > 10 * np.max(np.abs(ours[:4] / expected[:4] - 1))

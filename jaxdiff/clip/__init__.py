@@ -13,6 +13,9 @@ with jaxdiff, and weights come from a local file.
   ``.pt`` file or a state dict (open_clip or Hugging Face layout);
   :func:`from_open_clip_state_dict` / :func:`to_open_clip_state_dict` convert both ways.
 * :func:`clip_loss`: the spherical-distance CLIP guidance loss of ``x0_pred`` for a prompt.
+* :class:`CLIPTextEncoder`: the text tower as transformers' ``CLIPTextModel`` lays it out (Stable
+  Diffusion's text encoder), with its converters; :meth:`Tokenizer.from_pretrained` reads a
+  Hugging Face ``CLIPTokenizer`` folder.
 
 Example:
     >>> import jax
@@ -40,10 +43,12 @@ from .model import (
     get_model_config,
     list_models,
 )
+from .text_encoder import CLIPTextEncoder, text_encoder_params_from_torch, text_encoder_params_to_torch
 from .tokenizer import DEFAULT_CONTEXT_LENGTH, Tokenizer, tokenize
 
 __all__ = [
     "CLIP",
+    "CLIPTextEncoder",
     "DEFAULT_CONTEXT_LENGTH",
     "MODEL_CONFIGS",
     "OPENAI_DATASET_MEAN",
@@ -61,6 +66,8 @@ __all__ = [
     "make_cutouts",
     "normalize_images",
     "spherical_distance",
+    "text_encoder_params_from_torch",
+    "text_encoder_params_to_torch",
     "to_open_clip_state_dict",
     "tokenize",
 ]
