@@ -604,6 +604,12 @@ def init_state(
     if params is None:
         x, t = _dummy_inputs(config)
         params = model.init(key, x, t)["params"]
+    return state_from_params(config, tx, params)
+
+
+def state_from_params(config: ml_collections.ConfigDict, tx: optax.GradientTransformation, params: Any) -> TrainState:
+    """The ``TrainState`` at step 0 for ``params`` (any task): fresh optimizer state, EMA = params
+    when ``config.train.ema_decay > 0``."""
     ema = params if config.train.get("ema_decay", 0.0) > 0 else None
     return TrainState(
         step=jnp.zeros((), jnp.int32),

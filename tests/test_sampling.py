@@ -378,3 +378,26 @@ def test_sampler_quality_script_on_a_smoke_run(trained_workdir, tmp_path):
     assert "ddim-3 FD" in proc.stdout and "reached at FD <=" in proc.stdout
     verdicts = [line for line in proc.stdout.splitlines() if line.strip().startswith(("ddim:", "dpm++2m_karras:"))]
     assert len(verdicts) == 2 and ("steps (FD" in verdicts[0])  # DDIM-3 reaches itself
+
+
+@pytest.mark.parametrize("name", ["dpm++2m", "unipc", "euler", "heun"])
+def test_solvers_started_where_abar_is_zero_warn_and_leading_spacing_does_not(name):
+    """Cosine's abar at t = T - 1 is 2.4e-9: sigma-space solvers started there lose the samples."""
+    import re
+    import warnings
+
+    config = load_config("digits", "smoke")
+    config.schedule.name = "cosine"
+    config.sample.spacing = "linspace"  # starts at t = T - 1
+    with pytest.warns(UserWarning, match=re.escape(f"sampler='{name}' starts at noise level sigma=2.03e+04")):
+        make_sampler(config, sampler=name, num_steps=5)
+    config.sample.spacing = "leading"  # starts at t = T - T // 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        make_sampler(config, sampler=name, num_steps=5)
+        make_sampler(config, sampler="ddim", num_steps=5)  # DDIM clips its x0: never warns
+    config.schedule.name = "linear"  # abar_T = 4e-5: sigma 157, fine
+    config.sample.spacing = "linspace"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        make_sampler(config, sampler=name, num_steps=5)

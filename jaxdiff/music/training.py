@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdiff import checkpoint as ckpt
 from jaxdiff import data as data_lib
-from jaxdiff.builders import DTYPES, TrainState, make_optimizer
+from jaxdiff.builders import DTYPES, TrainState, make_optimizer, state_from_params
 from jaxdiff.music import data as music_data
 from jaxdiff.music.events import PAD_ID, decode_midi, encode_midi
 from jaxdiff.music.model import MusicTransformer, generate
@@ -97,14 +97,7 @@ def init_music_state(config: ml_collections.ConfigDict, model: MusicTransformer,
     """A fresh ``TrainState`` (pure; jit it). ``params``: start from these weights."""
     if params is None:
         params = model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
-    ema = params if config.train.get("ema_decay", 0.0) > 0 else None
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        ema_params=ema,
-        nonfinite_step=jnp.full((), -1, jnp.int32),
-    )
+    return state_from_params(config, tx, params)
 
 
 def eval_windows(pieces: list[music_data.Piece], seq_len: int, max_windows: int = 0) -> dict[str, np.ndarray]:
