@@ -68,7 +68,9 @@ def digits_reference(image_size: int = 16, split: str = "train") -> dict[str, An
     Returns a dict with ``train`` (images ``[N, S, S, 1]`` in [0, 1] of ``split``), ``train_stats``
     (their classifier features' :class:`FeatureStats`), ``heldout`` and ``heldout_labels`` (the
     500 test digits; empty when ``split`` already includes them) and ``copy_threshold`` (the
-    near-copy distance, see the module docstring).
+    near-copy distance, see the module docstring); with held-out digits also their classifier
+    output (``heldout_predicted``, ``heldout_confidence``, ``heldout_features``) and
+    ``heldout_near_copy_fraction``, computed once for every score.
     """
     train = _to_unit(data_lib.DigitsSource(image_size, split=split).images)
     if split == "train":
@@ -82,8 +84,12 @@ def digits_reference(image_size: int = 16, split: str = "train") -> dict[str, An
         "heldout": heldout,
         "heldout_labels": heldout_labels,
     }
-    if len(heldout):
-        ref["copy_threshold"] = float(np.percentile(nearest_distance(heldout, train), NEAR_COPY_PERCENTILE))
+    if len(heldout):  # what every score compares with, computed once per reference
+        heldout_distance = nearest_distance(heldout, train)
+        ref["copy_threshold"] = float(np.percentile(heldout_distance, NEAR_COPY_PERCENTILE))
+        ref["heldout_near_copy_fraction"] = float(np.mean(heldout_distance < ref["copy_threshold"]))
+        ref["heldout_predicted"], ref["heldout_confidence"] = dc.classify(heldout)
+        ref["heldout_features"] = dc.features(heldout)
     else:
         ref["copy_threshold"] = float("nan")
     return ref
@@ -143,8 +149,7 @@ def digits_quality(
     heldout = ref["heldout"]
     per_class = min(int(counts.min()), BALANCED_MAX_PER_CLASS)
     if len(heldout):
-        real_pred, real_conf = dc.classify(heldout)
-        real_features = dc.features(heldout)
+        real_pred, real_conf, real_features = ref["heldout_predicted"], ref["heldout_confidence"], ref["heldout_features"]
         per_class = min(per_class, int(np.bincount(real_pred, minlength=dc.NUM_CLASSES).min()))
     out["balanced_per_class"] = per_class
     enough = per_class >= BALANCED_MIN_PER_CLASS
@@ -159,7 +164,7 @@ def digits_quality(
         out["mean_pixel_real"] = float(np.mean(heldout))
         out["ink_fraction_real"] = float(np.mean(heldout > 0.5))
         out["near_copy_fraction"] = float(np.mean(nearest_distance(images, ref["train"]) < ref["copy_threshold"]))
-        out["near_copy_fraction_real"] = float(np.mean(nearest_distance(heldout, ref["train"]) < ref["copy_threshold"]))
+        out["near_copy_fraction_real"] = ref["heldout_near_copy_fraction"]
     return out
 
 
