@@ -499,14 +499,19 @@ def model_num_classes(model) -> int:
 def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
     """The noise schedule a config names (``config.schedule.name`` and its keyword arguments).
 
+    ``config.schedule.snr_scale`` (default 1) multiplies its SNR at every timestep
+    (:func:`jaxdiff.schedules.scale_snr`), a pretrained model's schedule too.
     A bad name, length or keyword is a ``ValueError`` naming ``config.schedule``.
     """
     kwargs = dict(config.schedule.to_dict())
     name = kwargs.pop("name", None)
+    snr_scale = kwargs.pop("snr_scale", 1.0)
+    if not (_is_real(snr_scale) and snr_scale > 0):
+        raise ValueError(f"config.schedule.snr_scale={snr_scale!r} must be a finite number > 0 (1 = the schedule as published).")
     if name == "from_pretrained":  # the scheduler config saved beside a diffusers checkpoint
         from jaxdiff import pretrained
 
-        return pretrained.read_scheduler_config(_pretrained_path(config)).schedule()
+        return schedules.scale_snr(pretrained.read_scheduler_config(_pretrained_path(config)).schedule(), snr_scale)
     if name not in schedules.SCHEDULES:
         raise ValueError(
             f"config.schedule.name={name!r} is not one of {sorted(schedules.SCHEDULES) + ['from_pretrained']}."
@@ -515,7 +520,7 @@ def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
     if not _is_int(steps) or steps < 2:
         raise ValueError(f"config.schedule.num_train_timesteps={steps!r} must be an int >= 2.")
     try:
-        return schedules.get(name, **kwargs)
+        return schedules.get(name, snr_scale=snr_scale, **kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.schedule ({name!r} with {kwargs}): {e}") from e
 

@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "book_cosine"
     c.schedule.num_train_timesteps = 1000
+    # SNR x snr_scale at every timestep (schedules.scale_snr; Hoogeboom et al. 2023's shift for
+    # small or large images); 1 = the schedule as published.
+    c.schedule.snr_scale = 1.0
 
     c.loss = "l2"  # "l1" | "l2"
     c.prediction_type = "epsilon"  # "epsilon" | "v_prediction" | "sample"

@@ -10,7 +10,10 @@ For digits runs everything is measured with the shipped classifier
   a model that draws new digits from the data's distribution scores. ``fd_ratio =
   fd_balanced / fd_balanced_real``: 1.0 is indistinguishable from real data, at this N, for
   this extractor; the number to compare runs by. NaN when a digit is (nearly) missing (fewer
-  than 5 samples): see ``class_fractions``.
+  than 5 samples): see ``class_fractions``. FD is biased upwards at small N by an amount
+  common to both sides, which pulls the ratio towards 1 as ``m`` shrinks, so
+  :func:`evaluate_run` draws extra samples (``pool``) until every digit has 50 and both sides
+  hold 500 images: the held-out set's own N.
 * ``fd``: the plain FD of the first N (at most 500) samples, whatever their classes. Dominated
   by how many of each digit N i.i.d. samples happen to hold: 500 random real training digits
   score 20.8 +- 6.2 over 20 draws, where the class-balanced held-out set scores 10.8 +- 2.1
@@ -122,17 +125,25 @@ def digits_quality(
     *,
     image_size: int = 16,
     split: str = "train",
+    pool: npt.ArrayLike | None = None,
 ) -> dict[str, Any]:
     """The quality numbers of generated digits (module docstring), images ``[N, H, W, 1]`` in [0, 1].
 
     ``labels``: the class each image was asked for (conditional sampling), for ``label_accuracy``.
     FD numbers use at most 500 images (the held-out set's size) so that ``fd`` and ``fd_real``
-    have the same N; the other numbers use all images.
+    have the same N; the other numbers use all images. ``pool``: more samples of the same model
+    that only the class-balanced FD may pick from (after ``images``), so that it can reach 50 of
+    each digit (``balanced_pool`` reports how many images it picked from).
     """
     images = np.asarray(images, np.float32)
     ref = digits_reference(image_size, split)
     predicted, confidence = dc.classify(images)
     features = dc.features(images)
+    balanced_predicted, balanced_features = predicted, features
+    if pool is not None and len(pool):
+        pool = np.asarray(pool, np.float32)
+        balanced_predicted = np.concatenate([predicted, dc.classify(pool)[0]])
+        balanced_features = np.concatenate([features, dc.features(pool)])
     n_fd = min(len(images), len(ref["heldout"])) if len(ref["heldout"]) else len(images)
     out: dict[str, Any] = {"num_images": len(images), "fd_num_images": n_fd}
     out["fd"] = _fd_to(features[:n_fd], ref["train_stats"])
@@ -147,14 +158,16 @@ def digits_quality(
         labels = np.resize(np.asarray(labels), len(images))
         out["label_accuracy"] = float(np.mean(predicted == labels))
     heldout = ref["heldout"]
-    per_class = min(int(counts.min()), BALANCED_MAX_PER_CLASS)
+    balanced_counts = np.bincount(balanced_predicted, minlength=dc.NUM_CLASSES)
+    per_class = min(int(balanced_counts.min()), BALANCED_MAX_PER_CLASS)
     if len(heldout):
         real_pred, real_conf, real_features = ref["heldout_predicted"], ref["heldout_confidence"], ref["heldout_features"]
         per_class = min(per_class, int(np.bincount(real_pred, minlength=dc.NUM_CLASSES).min()))
     out["balanced_per_class"] = per_class
+    out["balanced_pool"] = len(balanced_predicted)
     enough = per_class >= BALANCED_MIN_PER_CLASS
-    pick = balanced_indices(predicted, per_class, dc.NUM_CLASSES) if enough else None
-    out["fd_balanced"] = _fd_to(features[pick], ref["train_stats"]) if enough else float("nan")
+    pick = balanced_indices(balanced_predicted, per_class, dc.NUM_CLASSES) if enough else None
+    out["fd_balanced"] = _fd_to(balanced_features[pick], ref["train_stats"]) if enough else float("nan")
     if len(heldout):
         real_pick = balanced_indices(real_pred, per_class, dc.NUM_CLASSES) if enough else None
         out["fd_balanced_real"] = _fd_to(real_features[real_pick], ref["train_stats"]) if enough else float("nan")
@@ -231,19 +244,52 @@ def draw_samples(
     labels: np.ndarray | None = None,
     guidance_scale: float | None = None,
     seed: int = 0,
+    first_batch: int = 0,
 ) -> np.ndarray:
     """``num_images`` images from ``sample`` (a :func:`make_sampler` of ``batch_size`` images).
 
     Batch ``i`` uses the key ``fold_in(key(seed), i)`` and the labels from ``labels[i * batch_size]``
-    on (cyclically): the same seed gives the same images.
+    on (cyclically): the same seed gives the same images. ``first_batch``: start at batch ``i``
+    (to draw more of the same stream: batches ``0..k-1`` then ``k..`` equal batches ``0..``).
     """
     chunks = []
-    for i, start in enumerate(range(0, num_images, batch_size)):
-        chunk_labels = None if labels is None else np.resize(np.roll(labels, -start), batch_size)
+    for i in range(first_batch, first_batch + -(-num_images // batch_size)):
+        chunk_labels = None if labels is None else np.resize(np.roll(labels, -i * batch_size), batch_size)
         kwargs = {} if labels is None else {"labels": chunk_labels, "guidance_scale": guidance_scale}
         images = sample(params, jax.random.fold_in(jax.random.key(seed), i), **kwargs)
         chunks.append(np.asarray(jax.device_get(images)))
     return np.concatenate(chunks)[:num_images]
+
+
+def draw_balanced_pool(
+    sample: Callable[..., Any],
+    params: Any,
+    images: np.ndarray,
+    batch_size: int,
+    *,
+    labels: np.ndarray | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    max_images: int | None = None,
+) -> np.ndarray:
+    """Digits drawn after ``images`` (what :func:`draw_samples` gave with the same arguments: the
+    pool continues its stream) until the classifier finds ``BALANCED_MAX_PER_CLASS`` (50) of every
+    digit among all of them, or ``max_images`` (default ``4 * len(images)``) are drawn in all;
+    ``[M, H, W, 1]``, empty when ``images`` already hold enough.
+
+    What lets the class-balanced FD compare 500 samples with the 500 held-out digits.
+    """
+    max_images = 4 * len(images) if max_images is None else max_images
+    batch = -(-len(images) // batch_size)  # the stream's next batch
+    counts = np.bincount(dc.classify(images)[0], minlength=dc.NUM_CLASSES)
+    chunks, drawn = [], batch * batch_size
+    while counts.min() < BALANCED_MAX_PER_CLASS and drawn + batch_size <= max_images:
+        more = draw_samples(sample, params, batch_size, batch_size, labels=labels, guidance_scale=guidance_scale,
+                            seed=seed, first_batch=batch)  # fmt: skip
+        counts += np.bincount(dc.classify(more)[0], minlength=dc.NUM_CLASSES)
+        chunks.append(more)
+        batch, drawn = batch + 1, drawn + batch_size
+    return np.concatenate(chunks) if chunks else images[:0]
 
 
 def score_samples(
@@ -251,13 +297,15 @@ def score_samples(
     images: np.ndarray,
     labels: np.ndarray | None = None,
     features_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    pool: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """The quality numbers of a run's samples: :func:`digits_quality` for digits runs, else the
-    sample statistics and (with ``features_fn``) :func:`frechet_to_data`."""
+    """The quality numbers of a run's samples: :func:`digits_quality` for digits runs (``pool``:
+    its extra samples for the class-balanced FD), else the sample statistics and (with
+    ``features_fn``) :func:`frechet_to_data`."""
     if config.data.name == "digits":
         split = config.data.get("split", "train+test")
         split = "train" if split == "train" else "train+test"
-        return digits_quality(images, labels, image_size=int(config.data.image_size), split=split)
+        return digits_quality(images, labels, image_size=int(config.data.image_size), split=split, pool=pool)
     stats = {"num_images": len(images), "mean_pixel": float(np.mean(images))}
     if features_fn is not None:
         stats.update(frechet_to_data(images, data_lib.build_source(config.data), features_fn))
@@ -283,7 +331,9 @@ def evaluate_run(
 
     Conditional runs sample every class equally often, with classifier-free guidance at
     ``guidance_scale`` (default: ``config.sample.guidance_scale``; 0 or 1: plain conditional).
-    Digits runs get :func:`digits_quality`; other runs get :func:`frechet_to_data` when a
+    Digits runs get :func:`digits_quality`, with more samples drawn (:func:`draw_balanced_pool`,
+    at most 3x ``num_images`` more) until the class-balanced FD finds 50 of every digit; other
+    runs get :func:`frechet_to_data` when a
     ``features_fn`` is given (else only the sample statistics). ``sampler``, ``num_steps``,
     ``eta`` and ``use_karras_sigmas`` override the run's ``config.sample``. With ``num_seeds > 1``
     the sampling repeats with seeds ``seed, seed + 1, ...`` and each number is the mean over
@@ -315,6 +365,7 @@ def evaluate_run(
     }  # fmt: skip
 
     report: dict[str, Any] = {"settings": settings}
+    digits = config.data.name == "digits"
     for name in which:
         if name == "ema" and config.train.get("ema_decay", 0.0) <= 0:
             continue  # the run kept no EMA
@@ -322,15 +373,22 @@ def evaluate_run(
         report["step"] = step
         scores = []
         for s in range(seed, seed + num_seeds):
-            images = draw_samples(sample, params, num_images, batch_size, labels=labels, guidance_scale=scale, seed=s)
-            scores.append(score_samples(config, images, labels, features_fn))
+            draw = {"labels": labels, "guidance_scale": scale, "seed": s}
+            images = draw_samples(sample, params, num_images, batch_size, **draw)
+            pool = draw_balanced_pool(sample, params, images, batch_size, **draw) if digits else None
+            scores.append(score_samples(config, images, labels, features_fn, pool=pool))
         report[name] = mean_over_seeds(scores)
     return report
 
 
 def mean_over_seeds(scores: list[dict[str, Any]]) -> dict[str, Any]:
-    """One score dict from several seeds' (:func:`score_samples`): numbers and lists averaged,
-    ``<name>_std`` added for every FD number when there are several seeds."""
+    """One score dict from several seeds' (:func:`score_samples`): numbers and lists averaged.
+
+    With several seeds every FD number gets ``<name>_std`` (the sample standard deviation over
+    seeds) and ``fd_ratio`` also ``fd_ratio_sem``, the standard error of its mean (std /
+    sqrt(seeds)): at N = 500 one seed's ratio moves by about +-0.18, so a claim like "within 5%
+    of real" needs ``fd_ratio_sem`` well below 0.05 (16 seeds: ~0.045).
+    """
     out: dict[str, Any] = {}
     for key, first in scores[0].items():
         values = [sc[key] for sc in scores]
@@ -338,8 +396,10 @@ def mean_over_seeds(scores: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = [float(v) for v in np.mean(np.asarray(values, np.float64), axis=0)]
         elif isinstance(first, float):
             out[key] = float(np.mean(values))
-            if len(scores) > 1 and key.startswith("fd") and key != "fd_ratio":
+            if len(scores) > 1 and key.startswith("fd"):
                 out[f"{key}_std"] = float(np.std(values, ddof=1))
+                if key == "fd_ratio":
+                    out["fd_ratio_sem"] = out["fd_ratio_std"] / np.sqrt(len(values))
         else:
             out[key] = first
     return out

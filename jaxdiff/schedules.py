@@ -55,6 +55,7 @@ __all__ = [
     "get",
     "linear",
     "rescale_zero_terminal_snr",
+    "scale_snr",
     "scaled_linear",
     "snr",
     "to_x0_and_eps",
@@ -254,6 +255,35 @@ def rescale_zero_terminal_snr(schedule: Schedule) -> Schedule:
     return Schedule(betas=betas, alphas=alphas, alphas_cumprod=abar, one_minus_alphas_cumprod=1.0 - abar)
 
 
+def scale_snr(schedule: Schedule, snr_scale: float) -> Schedule:
+    """The schedule with its signal-to-noise ratio multiplied by ``snr_scale`` at every timestep.
+
+    ``SNR_t = abar_t / (1 - abar_t)`` becomes ``snr_scale * SNR_t``, i.e. ``log SNR`` is shifted
+    by ``log(snr_scale)``: ``abar'_t = s abar_t / (1 + (s - 1) abar_t)``, betas re-derived as
+    ``1 - abar'_t / abar'_{t-1}`` in float64. The "shifted" schedules of Hoogeboom et al. 2023
+    ("simple diffusion", arXiv:2301.11093, sec. 3.1), who shift the cosine schedule's log SNR
+    by ``2 log(64 / d)`` for ``d x d`` images: fewer pixels need less noise to hide the same
+    image (``snr_scale > 1``), more pixels more (``< 1``). ``snr_scale = 1`` returns the
+    schedule unchanged. Concrete schedules only (the tables are NumPy).
+
+    Example::
+
+        >>> s = scale_snr(cosine(1000), 4.0)       # e.g. 8x8 images, 4x the SNR of cosine's
+        >>> float(snr(s, 500) / snr(cosine(1000), 500))  # 4.0
+    """
+    if not (isinstance(snr_scale, (int, float, np.floating)) and math.isfinite(snr_scale) and snr_scale > 0):
+        raise ValueError(f"snr_scale must be a finite number > 0 (1 = unchanged), got {snr_scale!r}")
+    if snr_scale == 1:
+        return schedule
+    abar = np.asarray(schedule.alphas_cumprod, np.float64)
+    one_minus = np.asarray(schedule.one_minus_alphas_cumprod, np.float64)
+    denom = one_minus + snr_scale * abar  # 1 + (s - 1) abar, without cancelling where abar ~ 1
+    new = snr_scale * abar / denom
+    ratio = np.concatenate([new[:1], new[1:] / new[:-1]])
+    betas = np.concatenate([one_minus[:1] / denom[:1], 1.0 - ratio[1:]])  # beta_0 = 1 - abar'_0, exactly
+    return from_betas(np.clip(betas, np.finfo(np.float64).tiny, 1.0))
+
+
 SCHEDULES: Mapping[str, Callable[..., Schedule]] = {
     "linear": linear,
     "scaled_linear": scaled_linear,
@@ -264,16 +294,18 @@ SCHEDULES: Mapping[str, Callable[..., Schedule]] = {
 """Schedule names (diffusers' ``beta_schedule`` values plus ``"book_cosine"``) -> builders."""
 
 
-def get(name: str, num_train_timesteps: int = 1000, **kwargs: Any) -> Schedule:
-    """Builds the schedule called ``name`` (a key of :data:`SCHEDULES`).
+def get(name: str, num_train_timesteps: int = 1000, *, snr_scale: float = 1.0, **kwargs: Any) -> Schedule:
+    """Builds the schedule called ``name`` (a key of :data:`SCHEDULES`), its SNR times ``snr_scale``
+    (:func:`scale_snr`; 1 = as published).
 
     Example::
 
         >>> s = get("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
+        >>> s8 = get("cosine", 1000, snr_scale=4.0)   # cosine shifted for small images
     """
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; expected one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name](num_train_timesteps, **kwargs)
+    return scale_snr(SCHEDULES[name](num_train_timesteps, **kwargs), snr_scale)
 
 
 def from_diffusers_config(config: Mapping[str, Any]) -> Schedule:

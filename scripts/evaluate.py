@@ -4,14 +4,16 @@
     python scripts/evaluate.py --workdir=runs/digits_cond --guidance_scale=2
     python scripts/evaluate.py --workdir=runs/digits --num_images=500 --json=quality.json
     python scripts/evaluate.py --workdir=runs/digits --sampler=dpm++2m --karras --steps=10
-    python scripts/evaluate.py --workdir=runs/digits --seeds=4 --params=ema   # means +- std over seeds
+    python scripts/evaluate.py --workdir=runs/digits --seeds=12 --params=ema  # means, std and sem over seeds
 
 Digits runs are scored with the shipped digits classifier against the images the run trained
 on, next to the same numbers for 500 held-out real digits (see ``jaxdiff.evaluation``):
 ``fd_ratio`` (class-balanced FD of the samples over that of the held-out digits) is the number to
-compare runs by; the plain ``fd`` of 500 i.i.d. samples varies by +-6 from seed to seed. Other
-runs get the Frechet distance to their own data with CLIP image features when
-``--clip_checkpoint`` points at local CLIP weights.
+compare runs by, taken at N = 500 on both sides (sampling goes on past ``--num_images`` until
+every digit has 50); one seed's ratio moves by about +-0.2, so use ``--seeds`` and read
+``fd_ratio_sem``, its standard error. The plain ``fd`` of 500 i.i.d. samples varies by +-6
+from seed to seed. Other runs get the Frechet distance to their own data with CLIP image
+features when ``--clip_checkpoint`` points at local CLIP weights.
 """
 
 from __future__ import annotations

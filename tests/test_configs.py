@@ -72,6 +72,7 @@ FIELDS = {
     "loss": st.sampled_from(["l1", "l2", "huber"]),
     "schedule.name": st.sampled_from(["linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "book_cosine", "sigmoid"]),
     "schedule.num_train_timesteps": st.sampled_from([0, 1, 2, 10, 1000]),
+    "schedule.snr_scale": st.sampled_from([-1.0, 0.0, 0.25, 1.0, 4.0, float("inf")]),
     "sample.sampler": st.sampled_from(list(builders.SAMPLERS) + ["euler_x"]),
     "sample.num_steps": st.sampled_from([-1, 0, 1, 3, 50, 1000, 1001]),
     "sample.num_images": st.sampled_from([-1, 0, 1, 4]),

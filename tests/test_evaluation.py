@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO, load_config
 
 from jaxdiff import data as data_lib
+from jaxdiff import digits_classifier as dc
 from jaxdiff import evaluation
 
 
@@ -70,6 +72,51 @@ def test_balanced_fd_ignores_class_proportions_and_plain_fd_does_not(reference):
     assert scores["fd_ratio"] < 1.3 and scores["balanced_per_class"] >= 45
 
 
+def test_pool_lets_the_balanced_fd_reach_the_held_out_sets_n(reference):
+    """Extra samples only feed the class-balanced FD; the i.i.d. numbers stay on ``images``."""
+    heldout, labels = reference["heldout"], reference["heldout_labels"]
+    whole = evaluation.digits_quality(heldout, labels)
+    half = evaluation.digits_quality(heldout[:250], labels[:250], pool=heldout[250:])
+    assert half["num_images"] == 250 and half["balanced_pool"] == 500
+    assert half["balanced_per_class"] == whole["balanced_per_class"] and half["fd_ratio"] == pytest.approx(1.0)
+    alone = evaluation.digits_quality(heldout[:250], labels[:250])
+    assert alone["balanced_per_class"] < half["balanced_per_class"] and alone["fd"] == half["fd"]
+
+
+def _fake_sampler(pool_images):
+    """A ``sample(params, key, labels=, guidance_scale=)`` that returns real digits chosen by the key."""
+    calls = []
+
+    def sample(params, key, labels=None, guidance_scale=None):
+        calls.append(None if labels is None else np.asarray(labels).copy())
+        pick = np.asarray(jax.random.choice(key, len(pool_images), (100,), replace=False))
+        return pool_images[pick]
+
+    return sample, calls
+
+
+def test_draw_samples_continues_its_stream_and_the_pool_stops_at_fifty_of_each(reference):
+    sample, calls = _fake_sampler(reference["train"])
+    labels = np.arange(300) % 10
+    whole = evaluation.draw_samples(sample, None, 300, 100, labels=labels, guidance_scale=2.0, seed=3)
+    first = evaluation.draw_samples(sample, None, 100, 100, labels=labels, guidance_scale=2.0, seed=3)
+    rest = evaluation.draw_samples(sample, None, 200, 100, labels=labels, guidance_scale=2.0, seed=3, first_batch=1)
+    np.testing.assert_array_equal(whole, np.concatenate([first, rest]))
+    np.testing.assert_array_equal(calls[4], calls[1])  # batch 1's labels, whichever call draws it
+
+    sample, _ = _fake_sampler(reference["train"])
+    images = evaluation.draw_samples(sample, None, 100, 100, seed=0)
+    capped = evaluation.draw_balanced_pool(sample, None, images, 100, seed=0)  # at most 4 x 100 in all
+    assert len(capped) == 300
+    pool = evaluation.draw_balanced_pool(sample, None, images, 100, seed=0, max_images=5000)
+    np.testing.assert_array_equal(pool[:300], capped)
+    np.testing.assert_array_equal(pool, evaluation.draw_samples(sample, None, len(pool), 100, seed=0, first_batch=1))
+    count = lambda x: np.bincount(dc.classify(x)[0], minlength=10)  # noqa: E731
+    assert count(np.concatenate([images, pool])).min() >= 50  # enough of every digit ...
+    assert count(np.concatenate([images, pool[:-100]])).min() < 50  # ... and not a batch more than needed
+    assert len(evaluation.draw_balanced_pool(sample, None, np.concatenate([images, pool]), 100)) == 0
+
+
 def test_balanced_indices():
     pred = np.array([2, 0, 1, 0, 2, 1, 1])
     np.testing.assert_array_equal(evaluation.balanced_indices(pred, 2, 3), [1, 3, 2, 5, 0, 4])
@@ -82,7 +129,10 @@ def test_mean_over_seeds():
     b = {"fd": 14.0, "fd_ratio": 2.0, "class_fractions": [0.25, 0.75], "num_images": 4}
     out = evaluation.mean_over_seeds([a, b])
     assert out["fd"] == 12.0 and out["fd_std"] == pytest.approx(np.std([10, 14], ddof=1))
-    assert out["class_fractions"] == [0.375, 0.625] and out["num_images"] == 4 and "fd_ratio_std" not in out
+    assert out["class_fractions"] == [0.375, 0.625] and out["num_images"] == 4
+    assert out["fd_ratio"] == 1.5 and out["fd_ratio_std"] == pytest.approx(np.std([1, 2], ddof=1))
+    assert out["fd_ratio_sem"] == pytest.approx(np.std([1, 2], ddof=1) / np.sqrt(2))
+    assert "fd_std" not in evaluation.mean_over_seeds([a]) and "fd_ratio_sem" not in evaluation.mean_over_seeds([a])
 
 
 def test_nearest_distance_is_exact():

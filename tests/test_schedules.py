@@ -330,3 +330,31 @@ def test_one_minus_alphas_cumprod_keeps_float32_relative_precision(name):
     np.testing.assert_allclose(ours[:4], expected[:4], rtol=2e-6)
     naive = 1.0 - np.asarray(s.alphas_cumprod, np.float64)  # from the float32 abar: few digits at t ~ 0
     assert np.max(np.abs(naive[:4] / expected[:4] - 1)) > 10 * np.max(np.abs(ours[:4] / expected[:4] - 1))
+
+
+@given(schedule_strategy, st.floats(0.05, 20.0))
+def test_scale_snr_multiplies_the_snr_at_every_timestep(s, scale):
+    """Hoogeboom et al.'s shifted schedule: SNR x scale everywhere, still a valid schedule."""
+    shifted = schedules.scale_snr(s, scale)
+    snr = lambda x: np.asarray(x.alphas_cumprod, np.float64) / np.asarray(x.one_minus_alphas_cumprod, np.float64)  # noqa: E731
+    np.testing.assert_allclose(snr(shifted) / snr(s), scale, rtol=2e-5)
+    abar = np.asarray(shifted.alphas_cumprod, np.float64)
+    assert np.all(np.diff(abar) < 0) and np.all((abar > 0) & (abar < 1))
+    np.testing.assert_allclose(np.asarray(shifted.alphas), 1 - np.asarray(shifted.betas, np.float64), atol=1e-7)
+    assert (abar[len(abar) // 2] > float(s.alphas_cumprod[len(abar) // 2])) == (scale > 1)
+
+
+def test_scale_snr_through_get_and_config_names_the_bad_value():
+    from jaxdiff.builders import build_schedule
+    from conftest import load_config
+
+    assert schedules.scale_snr(_SCHEDULE, 1.0) is _SCHEDULE
+    s4 = schedules.get("cosine", 1000, snr_scale=4.0)
+    np.testing.assert_allclose(float(schedules.snr(s4, 500)), 4 * float(schedules.snr(_SCHEDULE, 500)), rtol=1e-5)
+    config = load_config("digits", "smoke")
+    config.schedule.snr_scale = 4.0
+    np.testing.assert_array_equal(np.asarray(build_schedule(config).alphas_cumprod), np.asarray(s4.alphas_cumprod))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        config.schedule.snr_scale = bad
+        with pytest.raises(ValueError, match="snr_scale"):
+            build_schedule(config)
