@@ -333,8 +333,8 @@ def evaluate_run(
     ``guidance_scale`` (default: ``config.sample.guidance_scale``; 0 or 1: plain conditional).
     Digits runs get :func:`digits_quality`, with more samples drawn (:func:`draw_balanced_pool`,
     at most 3x ``num_images`` more) until the class-balanced FD finds 50 of every digit; other
-    runs get :func:`frechet_to_data` when a
-    ``features_fn`` is given (else only the sample statistics). ``sampler``, ``num_steps``,
+    runs get :func:`frechet_to_data` when a ``features_fn`` is given (else only the sample
+    statistics). ``sampler``, ``num_steps``,
     ``eta`` and ``use_karras_sigmas`` override the run's ``config.sample``. With ``num_seeds > 1``
     the sampling repeats with seeds ``seed, seed + 1, ...`` and each number is the mean over
     them, with ``<name>_std`` (sample standard deviation) next to the FD numbers. Returns
@@ -386,8 +386,8 @@ def mean_over_seeds(scores: list[dict[str, Any]]) -> dict[str, Any]:
 
     With several seeds every FD number gets ``<name>_std`` (the sample standard deviation over
     seeds) and ``fd_ratio`` also ``fd_ratio_sem``, the standard error of its mean (std /
-    sqrt(seeds)): at N = 500 one seed's ratio moves by about +-0.18, so a claim like "within 5%
-    of real" needs ``fd_ratio_sem`` well below 0.05 (16 seeds: ~0.045).
+    sqrt(seeds)): at N = 500 one seed's ratio moves by about +-0.2, so a claim like "within 5%
+    of real" needs ``fd_ratio_sem`` well below 0.05 (12 seeds: ~0.06).
     """
     out: dict[str, Any] = {}
     for key, first in scores[0].items():
