@@ -318,11 +318,15 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
                 f"config.data.image_size={size} cannot be halved {len(dims) - 2} times for "
                 f"config.model.hidden_dims={tuple(dims)}: use a multiple of {factor} or fewer hidden_dims."
             )
-        stages = m.get("attention_stages", None)
-        if stages is not None and (
-            not isinstance(stages, (tuple, list)) or any(not _is_int(i) or not 0 <= i <= len(dims) - 2 for i in stages)
-        ):
-            raise ValueError(f"config.model.attention_stages={stages!r} must list stage indices in 0..{len(dims) - 2}.")
+        for field in ("attention_stages", "up_attention_stages"):
+            stages = m.get(field, None)
+            if stages is not None and (
+                not isinstance(stages, (tuple, list))
+                or any(not _is_int(i) or not 0 <= i <= len(dims) - 2 for i in stages)
+            ):
+                raise ValueError(
+                    f"config.model.{field}={stages!r} must list stage indices in 0..{len(dims) - 2}."
+                )
         temb = m.get("time_emb_dim", None)
         if temb is not None and (not _is_int(temb) or temb < 4 or temb % 2):
             raise ValueError(f"config.model.time_emb_dim={temb!r} must be an even int >= 4 (or None).")

@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Stages (0 .. len(hidden_dims) - 2) whose down and up blocks end with self-attention;
     # None: the book's rule (the last one). E.g. --config.model.attention_stages="()".
     c.model.attention_stages = ml_collections.config_dict.placeholder(tuple)
+    # Up stages with attention when they differ from attention_stages (None: the same indices,
+    # the book's rule; up stage j works at down stage len(hidden_dims) - 2 - j's resolution).
+    c.model.up_attention_stages = ml_collections.config_dict.placeholder(tuple)
     c.model.time_emb_dim = ml_collections.config_dict.placeholder(int)  # None: hidden_dims[0]
 
     c.schedule = ml_collections.ConfigDict()

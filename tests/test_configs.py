@@ -68,6 +68,8 @@ FIELDS = {
     "model.num_classes": st.integers(-1, 12),
     "model.dtype": st.sampled_from(["float32", "bfloat16", "float16", "float8", "int8"]),
     "model.attention_impl": st.sampled_from(["", "xla", "cpu_fast", "flash"]),
+    "model.attention_stages": st.sampled_from([None, (), (0,), (1,), (0, 1), (2,), (-1,), (1.5,)]),
+    "model.up_attention_stages": st.sampled_from([None, (), (0,), (1,), (0, 1), (2,), (-1,)]),
     "prediction_type": st.sampled_from(["epsilon", "v_prediction", "sample", "x0"]),
     "loss": st.sampled_from(["l1", "l2", "huber"]),
     "schedule.name": st.sampled_from(["linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "book_cosine", "sigmoid"]),

@@ -89,7 +89,7 @@ def test_full_model_size_and_pytorch_names():
     fake = {name: np.broadcast_to(zero, ast.literal_eval(shape)) for name, shape, _ in book}
     assert unet_config_from_torch(fake) == {
         "in_channels": 3, "out_channels": 3, "hidden_dims": (128, 256, 512, 1024),
-        "attention_stages": None, "time_emb_dim": 128, "num_classes": None, "heads": 4,
+        "attention_stages": None, "up_attention_stages": None, "time_emb_dim": 128, "num_classes": None, "heads": 4,
         "head_dim": 32,
     }
     params = unet_params_from_torch(fake)
@@ -142,6 +142,32 @@ def test_flax_round_trip_general_config():
     assert config["attention_stages"] == (0, 2) and config["num_classes"] == 3
     again = unet_params_from_torch(state_dict, config={"heads": 2, "head_dim": 8})
     jax.tree.map(np.testing.assert_array_equal, again, jax.tree.map(np.asarray, params))
+
+
+def test_up_attention_stages_place_the_up_paths_attention_apart():
+    # The digits default: attention after down stage 1 (8x8) and up stage 0 (8x8), not up
+    # stage 1 (16x16, the book's rule for the same index).
+    kw = dict(in_channels=1, hidden_dims=(8, 16, 32), heads=2, head_dim=8, norm_groups=4)
+    model = UNet(**kw, up_attention_stages=(0,))
+    x = jnp.zeros((1, 16, 16, 1))
+    params = random_params(model, x, 1)
+    attention = sorted(k for k in params if k.endswith("_attn"))
+    assert attention == ["down_1_attn", "mid_attn", "up_0_attn"]
+    book = random_params(UNet(**kw), x, 1)
+    assert sorted(k for k in book if k.endswith("_attn")) == ["down_1_attn", "mid_attn", "up_1_attn"]
+    # The placement survives the torch round trip and is inferred from either side's weights.
+    state_dict = unet_params_to_torch({"params": params}, config=model)
+    assert "up_blocks.0.2.fn.norm.g" in state_dict and "up_blocks.1.2.fn.norm.g" not in state_dict
+    config = unet_config_from_torch(state_dict)
+    assert config["attention_stages"] is None and config["up_attention_stages"] == (0,)
+    again = unet_params_from_torch(state_dict, config={"heads": 2, "head_dim": 8, "norm_groups": 4})
+    jax.tree.map(np.testing.assert_array_equal, again, jax.tree.map(np.asarray, params))
+    # Moving the attention changes the function (the up_0 block is not an identity).
+    y = model.apply({"params": params}, x + 0.5, jnp.array([10]))
+    no_up = jax.tree.map(lambda a: a, dict(params))
+    del no_up["up_0_attn"]
+    y_mid_only = UNet(**kw, up_attention_stages=()).apply({"params": no_up}, x + 0.5, jnp.array([10]))
+    assert float(jnp.max(jnp.abs(y - y_mid_only))) > 1e-4
 
 
 def test_from_torch_reports_bad_keys_and_shapes(reference):
@@ -336,6 +362,7 @@ def test_remat_same_output_and_gradients():
         (dict(hidden_dims=(8, 16, 32)), (1, 3, 8, 8), r"x has 8 channels"),
         (dict(hidden_dims=(8,)), (1, 8, 8, 3), r"at least 2 widths"),
         (dict(hidden_dims=(8, 16, 32), attention_stages=(2,)), (1, 8, 8, 3), r"attention_stages"),
+        (dict(hidden_dims=(8, 16, 32), up_attention_stages=(0, 2)), (1, 8, 8, 3), r"up_attention_stages=\(0, 2\)"),
         (dict(hidden_dims=(8, 16, 32), attention_impl="flash"), (1, 8, 8, 3), r"attention_impl"),
     ],
 )

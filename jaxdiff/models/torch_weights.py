@@ -69,6 +69,7 @@ def _layer_table(model: UNet) -> list[_Layer]:
     dims = tuple(model.hidden_dims)
     last = len(dims) - 2
     stages = model.resolved_attention_stages
+    up_stages = model.resolved_up_attention_stages
     layers = [
         _Layer("time_embedding.0", ("time_mlp_0",), "linear"),
         _Layer("time_embedding.2", ("time_mlp_1",), "linear"),
@@ -94,7 +95,7 @@ def _layer_table(model: UNet) -> list[_Layer]:
     for j in range(len(dims) - 1):
         for k in range(2):
             layers += _res_layers(f"up_blocks.{j}.{k}", f"up_{j}_res_{k}", True)
-        if j in stages:
+        if j in up_stages:
             layers += _attn_layers(f"up_blocks.{j}.2", f"up_{j}_attn")
         if j < last:  # Sequential(Upsample(nearest), Conv2d 3x3)
             layers.append(_Layer(f"up_blocks.{j}.3.1", (f"up_{j}_upsample",), "conv"))
@@ -149,6 +150,7 @@ def _config_dict(model: UNet) -> dict[str, Any]:
         "out_channels": model.out_channels,
         "hidden_dims": tuple(model.hidden_dims),
         "attention_stages": model.attention_stages,
+        "up_attention_stages": model.up_attention_stages,
         "time_emb_dim": model.time_emb_dim,
         "num_classes": model.num_classes,
         "norm_groups": model.norm_groups,
@@ -189,6 +191,7 @@ def unet_config_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     dims = tuple(shapes[f"down_blocks.{i}.0.conv1.weight"][0] for i in stages)
     dims += (shapes["mid_block1.conv1.weight"][0],)
     attention = tuple(i for i in stages if f"down_blocks.{i}.2.fn.norm.g" in shapes)
+    up_attention = tuple(j for j in stages if f"up_blocks.{j}.2.fn.norm.g" in shapes)
     inner = shapes["mid_attn.fn.fn.to_qkv.weight"][0] // 3
     head_dim = 32 if inner % 32 == 0 else inner
     ctx = f"{_CONTEXT_TORCH[0]}.weight"
@@ -198,6 +201,7 @@ def unet_config_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         "out_channels": shapes["conv_out.weight"][0],
         "hidden_dims": dims,
         "attention_stages": None if attention == default_attention else attention,
+        "up_attention_stages": None if up_attention == attention else up_attention,
         "time_emb_dim": shapes["time_embedding.0.weight"][1],
         "num_classes": shapes[ctx][1] if ctx in shapes else None,
         "heads": inner // head_dim,
@@ -300,6 +304,7 @@ def _config_from_flax(params: Mapping[str, Any]) -> dict[str, Any]:
     dims = tuple(int(params[f"down_{i}_res_0"]["conv1"]["kernel"].shape[-1]) for i in range(n))
     dims += (int(params["mid_res_0"]["conv1"]["kernel"].shape[-1]),)
     attention = tuple(i for i in range(n) if f"down_{i}_attn" in params)
+    up_attention = tuple(j for j in range(n) if f"up_{j}_attn" in params)
     inner = int(params["mid_attn"]["to_qkv"]["kernel"].shape[-1]) // 3
     head_dim = 32 if inner % 32 == 0 else inner
     return {
@@ -307,6 +312,7 @@ def _config_from_flax(params: Mapping[str, Any]) -> dict[str, Any]:
         "out_channels": int(params["conv_out"]["kernel"].shape[-1]),
         "hidden_dims": dims,
         "attention_stages": None if attention == (len(dims) - 2,) else attention,
+        "up_attention_stages": None if up_attention == attention else up_attention,
         "time_emb_dim": int(params["time_mlp_0"]["kernel"].shape[0]),
         "num_classes": (int(params["context_mlp_0"]["kernel"].shape[0])
                         if "context_mlp_0" in params else None),

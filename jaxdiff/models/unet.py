@@ -432,6 +432,12 @@ class UNet(nn.Module):
         end with self-attention (both ``down i`` and ``up i``, the book's indexing); ``None``
         means the book's rule ``(L - 2,)``: down stage L-2 (lowest resolution) and up stage L-2
         (full resolution). The middle always has attention.
+      up_attention_stages: indices ``j`` of the up stages that end with self-attention, when
+        they should differ from ``attention_stages`` (``None``: the same indices, the book's
+        rule). Up stage ``j`` works at the resolution of down stage ``L - 2 - j``, so the book's
+        rule puts the up path's attention at full resolution; ``(0,)`` with
+        ``attention_stages=(L - 2,)`` keeps every attention block at the lowest resolution
+        (``configs/digits.py``: 64 instead of 256 tokens, a 1.2x faster train step).
       time_emb_dim: width of the sinusoidal embedding (the MLP is 4x wider); ``None`` means
         ``hidden_dims[0]`` as the book (128 for the flowers model).
       num_classes: if set, the model takes a context ``c`` ``[B, num_classes]`` (one-hot labels
@@ -465,6 +471,7 @@ class UNet(nn.Module):
     out_channels: int | None = None
     hidden_dims: Sequence[int] = (128, 256, 512, 1024)
     attention_stages: Sequence[int] | None = None
+    up_attention_stages: Sequence[int] | None = None
     time_emb_dim: int | None = None
     num_classes: int | None = None
     norm_groups: int = 8
@@ -489,6 +496,12 @@ class UNet(nn.Module):
         return tuple(sorted(set(int(i) for i in self.attention_stages)))
 
     @property
+    def resolved_up_attention_stages(self) -> tuple[int, ...]:
+        if self.up_attention_stages is None:
+            return self.resolved_attention_stages
+        return tuple(sorted(set(int(j) for j in self.up_attention_stages)))
+
+    @property
     def resolved_time_emb_dim(self) -> int:
         return self.hidden_dims[0] if self.time_emb_dim is None else self.time_emb_dim
 
@@ -511,6 +524,12 @@ class UNet(nn.Module):
         if any(i < 0 or i > len(dims) - 2 for i in stages):
             raise ValueError(
                 f"attention_stages={tuple(self.attention_stages)}: stage indices must lie in "
+                f"0..{len(dims) - 2} for hidden_dims of length {len(dims)}."
+            )
+        up = self.resolved_up_attention_stages
+        if any(j < 0 or j > len(dims) - 2 for j in up):
+            raise ValueError(
+                f"up_attention_stages={tuple(self.up_attention_stages)}: stage indices must lie in "
                 f"0..{len(dims) - 2} for hidden_dims of length {len(dims)}."
             )
         temb = self.resolved_time_emb_dim
@@ -592,6 +611,7 @@ class UNet(nn.Module):
         dims = tuple(self.hidden_dims)
         last = len(dims) - 2
         attn_stages = self.resolved_attention_stages
+        up_attn_stages = self.resolved_up_attention_stages
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         res_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock
@@ -651,7 +671,7 @@ class UNet(nn.Module):
             for k in range(2):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = res(width, f"up_{j}_res_{k}")(h, temb)
-            if j in attn_stages:
+            if j in up_attn_stages:
                 h = attn(f"up_{j}_attn")(h)
             if j < last:
                 h = einops.repeat(h, "b h w c -> b (h p1) (w p2) c", p1=2, p2=2)
