@@ -279,8 +279,7 @@ def scale_snr(schedule: Schedule, snr_scale: float) -> Schedule:
     one_minus = np.asarray(schedule.one_minus_alphas_cumprod, np.float64)
     denom = one_minus + snr_scale * abar  # 1 + (s - 1) abar, without cancelling where abar ~ 1
     new = snr_scale * abar / denom
-    ratio = np.concatenate([new[:1], new[1:] / new[:-1]])
-    betas = np.concatenate([one_minus[:1] / denom[:1], 1.0 - ratio[1:]])  # beta_0 = 1 - abar'_0, exactly
+    betas = np.concatenate([one_minus[:1] / denom[:1], 1.0 - new[1:] / new[:-1]])  # beta_0 = 1 - abar'_0, exactly
     return from_betas(np.clip(betas, np.finfo(np.float64).tiny, 1.0))
 
 

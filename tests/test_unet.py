@@ -164,7 +164,7 @@ def test_up_attention_stages_place_the_up_paths_attention_apart():
     jax.tree.map(np.testing.assert_array_equal, again, jax.tree.map(np.asarray, params))
     # Moving the attention changes the function (the up_0 block is not an identity).
     y = model.apply({"params": params}, x + 0.5, jnp.array([10]))
-    no_up = jax.tree.map(lambda a: a, dict(params))
+    no_up = dict(params)
     del no_up["up_0_attn"]
     y_mid_only = UNet(**kw, up_attention_stages=()).apply({"params": no_up}, x + 0.5, jnp.array([10]))
     assert float(jnp.max(jnp.abs(y - y_mid_only))) > 1e-4

@@ -420,6 +420,11 @@ class AttentionBlock(nn.Module):
         return x.astype(self.dtype) + out.reshape(b, h, w, c)
 
 
+def _stage_set(stages: Sequence[int]) -> tuple[int, ...]:
+    """Stage indices as a sorted tuple of distinct ints."""
+    return tuple(sorted(set(int(i) for i in stages)))
+
+
 class UNet(nn.Module):
     """The book's denoising U-Net (ch. 15), NHWC; defaults reproduce it exactly.
 
@@ -437,7 +442,7 @@ class UNet(nn.Module):
         rule). Up stage ``j`` works at the resolution of down stage ``L - 2 - j``, so the book's
         rule puts the up path's attention at full resolution; ``(0,)`` with
         ``attention_stages=(L - 2,)`` keeps every attention block at the lowest resolution
-        (``configs/digits.py``: 64 instead of 256 tokens, a 1.2x faster train step).
+        (``configs/digits.py``: 64 instead of 256 tokens, a 1.18x faster train step).
       time_emb_dim: width of the sinusoidal embedding (the MLP is 4x wider); ``None`` means
         ``hidden_dims[0]`` as the book (128 for the flowers model).
       num_classes: if set, the model takes a context ``c`` ``[B, num_classes]`` (one-hot labels
@@ -493,13 +498,13 @@ class UNet(nn.Module):
     def resolved_attention_stages(self) -> tuple[int, ...]:
         if self.attention_stages is None:
             return (len(self.hidden_dims) - 2,)
-        return tuple(sorted(set(int(i) for i in self.attention_stages)))
+        return _stage_set(self.attention_stages)
 
     @property
     def resolved_up_attention_stages(self) -> tuple[int, ...]:
         if self.up_attention_stages is None:
             return self.resolved_attention_stages
-        return tuple(sorted(set(int(j) for j in self.up_attention_stages)))
+        return _stage_set(self.up_attention_stages)
 
     @property
     def resolved_time_emb_dim(self) -> int:
@@ -520,18 +525,13 @@ class UNet(nn.Module):
                 f"{self.norm_groups} (GroupNorm groups); use multiples of {self.norm_groups} "
                 "or change norm_groups."
             )
-        stages = self.resolved_attention_stages
-        if any(i < 0 or i > len(dims) - 2 for i in stages):
-            raise ValueError(
-                f"attention_stages={tuple(self.attention_stages)}: stage indices must lie in "
-                f"0..{len(dims) - 2} for hidden_dims of length {len(dims)}."
-            )
-        up = self.resolved_up_attention_stages
-        if any(j < 0 or j > len(dims) - 2 for j in up):
-            raise ValueError(
-                f"up_attention_stages={tuple(self.up_attention_stages)}: stage indices must lie in "
-                f"0..{len(dims) - 2} for hidden_dims of length {len(dims)}."
-            )
+        for name, stages in (("attention_stages", self.resolved_attention_stages),
+                             ("up_attention_stages", self.resolved_up_attention_stages)):
+            if any(i < 0 or i > len(dims) - 2 for i in stages):
+                raise ValueError(
+                    f"{name}={tuple(getattr(self, name))}: stage indices must lie in "
+                    f"0..{len(dims) - 2} for hidden_dims of length {len(dims)}."
+                )
         temb = self.resolved_time_emb_dim
         if temb % 2 or temb < 4:
             raise ValueError(f"time_emb_dim={temb} must be even and >= 4.")
